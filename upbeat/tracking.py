@@ -1,0 +1,110 @@
+"""MLflow tracking and DVC metrics files, shared by every stage.
+
+The store is local: `mlflow/mlflow.db` (sqlite) plus `mlflow/artifacts/`, under the project root.
+A stage run by the Prefect flow nests under the flow's parent run (the flow passes its run id in
+`UPBEAT_PARENT_RUN_ID`); a stage run by plain `dvc repro` is a top-level run of its own.
+Metric keys are lowercase `group/name` and are the same in MLflow and in the DVC metrics JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "upbeat"
+PARENT_ENV = "UPBEAT_PARENT_RUN_ID"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above `start` (default: cwd) holding dvc.yaml and params.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file():
+            return candidate
+    return here
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the project's sqlite store in `mlflow/`."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    store = project_root(root) / "mlflow"
+    store.mkdir(exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def setup_mlflow(root: Path | None = None, experiment: str = EXPERIMENT) -> str:
+    """Point mlflow at the project store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        mlflow.set_experiment(experiment)
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the db, not in ./mlruns of whatever cwd a process has.
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return exp_id
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys (`ppo.steps`), as MLflow params want them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the flow's run when there is one."""
+    import mlflow
+
+    setup_mlflow()
+    parent = os.environ.get(PARENT_ENV) or None
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags={"upbeat.stage": stage}) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params, f"{stage}.").items()})
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics to the active MLflow run (keys kept as `group/name`)."""
+    import math
+
+    import mlflow
+
+    clean = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file written by `write_json`."""
+    return json.loads(Path(path).read_text())
