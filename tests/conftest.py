@@ -1,0 +1,59 @@
+"""Shared fixtures: offline, analytics off, MLflow in a temporary store, tiny models on disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect/dvc/gx/transformers: no telemetry, no hub.
+os.environ.update(
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    DVC_NO_ANALYTICS="1",
+    GX_ANALYTICS_ENABLED="false",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    DO_NOT_TRACK="1",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tiny  # noqa: E402  (tests/ is on sys.path only from here)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test logs into a throwaway sqlite store, never the project's `mlflow/`."""
+    store = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.delenv("UPBEAT_PARENT_RUN_ID", raising=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def sentiment140_sample() -> Path:
+    """The real Sentiment140 sample beside the repo; tests that need it skip without it."""
+    path = SHARED_DATA / "sentiment140_sample.csv"
+    if not path.is_file():
+        pytest.skip("../shared/data/sentiment140_sample.csv is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
