@@ -46,13 +46,14 @@ class ValidateParams(_Block):
     allowed_targets: list[int]
     """Sentiment140 labels: 0 negative, 2 neutral (test file only), 4 positive."""
     max_duplicate_id_fraction: float = Field(ge=0, le=1)
-    """Sentiment140 repeats ~1.7k of its 1.6M ids; clean de-duplicates. More than this is a bad file."""
+    """Share of rows repeating an earlier id (Sentiment140 ~0.1%, packaged 2.4%); clean dedups."""
     min_text_chars: int = Field(ge=0)
-    """Raw text shorter than this (after strip) counts as empty."""
+    """Raw text shorter than this counts as empty (whitespace-only text always does)."""
     max_text_chars: int = Field(ge=1)
     """Tweets are at most 140-280 chars; HTML entities can triple that. Longer is corruption."""
     max_mojibake_fraction: float = Field(ge=0, le=1)
-    """Share of rows allowed to carry replacement characters or latin-1/utf-8 mojibake."""
+    """Share of rows allowed to carry replacement characters or latin-1/utf-8 mojibake; clean
+    repairs or drops them (packaged corpus: 9.2%, Sentiment140 sample: 1.0%)."""
 
 
 class CleanParams(_Block):
@@ -61,10 +62,10 @@ class CleanParams(_Block):
     keep_targets: list[int]
     """Targets kept for SFT. The blog trains on negative tweets so the SFT model leans negative."""
     sample_fraction: float = Field(gt=0, le=1)
-    """Fraction of the kept rows to use (sampled with `seed`)."""
+    """Fraction of the kept rows to use, chosen by a hash of (id, seed): stable as rows are added."""
     eval_fraction: float = Field(gt=0, lt=1)
     """Share of rows in the eval split, chosen by a hash of the id (adding rows never moves old ones)."""
-    seed: int
+    seed: int = Field(ge=0)
     """Seed for `sample_fraction`."""
 
 
@@ -88,6 +89,8 @@ class SFTParams(_Block):
     """Linear warmup steps."""
     train_top_blocks: int = Field(ge=0)
     """Train only the top N transformer blocks (+ final norm); 0 trains every weight."""
+    max_grad_norm: float = Field(gt=0)
+    """Global gradient-norm clip (one bad batch of odd tweets must not wreck the model)."""
     max_train_examples: int = Field(ge=1)
     """Cap on train tweets per epoch: CPU time is the budget."""
     max_eval_examples: int = Field(ge=1)

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. They run DVC stages as subprocesses and import no ML code."""

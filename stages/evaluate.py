@@ -1,0 +1,95 @@
+"""DVC stage `evaluate`: SFT ("before") vs PPO ("after") on held-out prompts -> metrics, plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import mlflow
+from upbeat.config import load_params
+from upbeat.data.sources import load_canonical
+from upbeat.errors import DataError, exit_on_user_error
+from upbeat.evaluate import evaluate_policies, make_prompts
+from upbeat.judge import load_judge
+from upbeat.models import load_policy, set_threads
+from upbeat.plots import write_all
+from upbeat.rewards import load_scorer, load_spec
+from upbeat.tracking import log_metrics, stage_run, write_json
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    """The sample table, atomically (temp file + rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out)
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sft", required=True, help="SFT policy directory (before)")
+    parser.add_argument("--ppo", required=True, help="PPO policy directory (after)")
+    parser.add_argument("--reward-spec", required=True, help="reward spec JSON")
+    parser.add_argument("--eval", required=True, help="held-out eval split Parquet")
+    parser.add_argument("--ppo-curve", required=True, help="PPO training curve CSV (for a plot)")
+    parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
+    parser.add_argument("--samples", required=True, help="sample table CSV to write")
+    parser.add_argument("--plots", required=True, help="directory for the PNG plots")
+    args = parser.parse_args()
+
+    params = load_params()
+    p = params.evaluate
+    set_threads(params.policy.num_threads)
+    with stage_run("evaluate", p.model_dump()):
+        spec = load_spec(args.reward_spec)
+        judge = load_judge(p.judge, spec.kind)
+        sft, ppo = load_policy(args.sft), load_policy(args.ppo)
+        texts = load_canonical(args.eval)["text"].astype(str).tolist()
+        prompts = make_prompts(
+            texts,
+            sft[1],
+            p.n_prompts,
+            params.ppo.prompt_min_tokens,
+            params.ppo.prompt_max_tokens,
+            p.seed,
+        )
+        if not prompts:
+            raise DataError(f"{args.eval}: no usable eval tweets to make prompts from")
+        if len(prompts) < p.n_prompts:
+            print(f"evaluate: only {len(prompts)} eval prompts (evaluate.n_prompts={p.n_prompts})")
+        result = evaluate_policies(
+            sft,
+            ppo,
+            prompts,
+            load_scorer(spec),
+            judge,
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            batch_size=p.batch_size,
+            bootstrap_samples=p.bootstrap_samples,
+            seed=p.seed,
+            progress=lambda step: print(f"evaluate: {step}", flush=True),
+        )
+        write_table(result.table(p.n_samples_table), args.samples)
+        plots = write_all(result.scores, args.ppo_curve, args.plots)
+        write_json(args.metrics, result.metrics)
+        log_metrics(result.metrics)
+        for path in [args.metrics, args.samples, *map(str, plots)]:
+            mlflow.log_artifact(path)
+    m = result.metrics
+    print(
+        f"evaluate: reward {m['before/reward_mean']:+.3f} -> {m['after/reward_mean']:+.3f} "
+        f"(95% CI of the delta [{m['delta/reward_mean_ci_low']:+.3f}, "
+        f"{m['delta/reward_mean_ci_high']:+.3f}]), "
+        f"judge delta {m['delta/judge_mean']:+.3f}, KL {m['after/kl_mean']:.2f} nats"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""DVC stage `ingest`: the configured source -> the canonical table (Parquet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from upbeat.config import load_params
+from upbeat.data.sources import ingest, save_canonical, summarise
+from upbeat.errors import exit_on_user_error
+from upbeat.tracking import log_metrics, project_root, stage_run, write_json
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="canonical Parquet table to write")
+    parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
+    args = parser.parse_args()
+
+    params = load_params()
+    with stage_run("ingest", params.ingest.model_dump()):
+        df = ingest(params.ingest, root=project_root())
+        save_canonical(df, args.out)
+        metrics = summarise(df)
+        write_json(args.metrics, metrics)
+        log_metrics(metrics)
+    print(f"ingest: {len(df)} rows from {params.ingest.source} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""DVC stage `register`: the PPO policy -> a new MLflow registry version, alias `challenger`."""
+
+from __future__ import annotations
+
+import argparse
+
+from upbeat.config import load_params
+from upbeat.errors import exit_on_user_error
+from upbeat.registry import lineage, register_policy
+from upbeat.tracking import project_root, read_json, stage_run, write_json
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ppo", required=True, help="PPO policy directory")
+    parser.add_argument("--evaluate", required=True, help="evaluate's metrics JSON")
+    parser.add_argument("--out", required=True, help="JSON naming the registered version")
+    args = parser.parse_args()
+
+    params = load_params()
+    name = params.register.model_name
+    with stage_run("register", params.register.model_dump()) as run:
+        metrics = read_json(args.evaluate)
+        tags = lineage(project_root(), params.model_dump(by_alias=True, exclude={"profiles"}))
+        version = register_policy(args.ppo, name, metrics, tags)
+        write_json(args.out, {"model_name": name, "version": version, "run_id": run.info.run_id})
+    print(f"register: {name} version {version} (alias challenger)")
+
+
+if __name__ == "__main__":
+    main()

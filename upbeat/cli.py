@@ -1,0 +1,422 @@
+"""`upbeat`: run, schedule, inspect and steer the pipeline from one command.
+
+Every command works on the project in the current directory (the one holding `dvc.yaml` and
+`params.yaml`). Heavy imports (torch, mlflow, prefect) happen inside the commands, so
+`upbeat --help` answers at once. A problem the user can fix prints one red line and what to do,
+and exits 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="upbeat",
+    help="A reproducible, scheduled RLHF pipeline: SFT on tweets, PPO towards positive replies.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def fail(message: str, hint: str = "") -> typer.Exit:
+    """Print the error (and what to do) to stderr; the caller raises the returned Exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if hint:
+        err.print(f"[dim]→ {hint}[/]", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user-fixable errors into one clear message and exit code 1."""
+    from upbeat.config import ConfigError
+    from upbeat.errors import UpbeatError
+
+    try:
+        yield
+    except ConfigError as exc:
+        raise fail(
+            str(exc), "fix params.yaml or the --set value; upbeat/config.py documents each key"
+        ) from None
+    except UpbeatError as exc:
+        raise fail(str(exc)) from None
+
+
+def project() -> Path:
+    """The project directory (dvc.yaml + params.yaml at or above the current directory)."""
+    from upbeat.tracking import project_root
+
+    root = project_root()
+    if not (root / "dvc.yaml").is_file():
+        raise fail(
+            f"{Path.cwd()} is not inside an upbeat project (no dvc.yaml)", "cd to the project"
+        )
+    return root
+
+
+def retrain_module() -> Any:
+    """Import `flows.retrain` from the checkout this package lives in.
+
+    `flows/` sits beside `upbeat/` and imports it (never the reverse at module level); the CLI is
+    the one driver that reaches back, at run time only.
+    """
+    checkout = str(Path(__file__).resolve().parents[1])
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    return importlib.import_module("flows.retrain")
+
+
+def model_name(root: Path) -> str:
+    from upbeat.config import load_params
+
+    return load_params(root / "params.yaml").register.model_name
+
+
+# --- --set overrides, written into params.yaml --------------------------------------------------
+
+
+def plan_overrides(raw: dict[str, Any], items: list[str]) -> list[tuple[list[str], Any]]:
+    """Where each `key=value` goes in params.yaml, as a path of mapping keys.
+
+    A key the active profile also sets is written into that profile: otherwise the profile would
+    win again on the next load and the override would silently do nothing.
+    """
+    from upbeat.config import parse_override
+
+    overrides = dict(parse_override(item) for item in items)
+    profile = overrides.get("profile", raw.get("profile", "default"))
+    profile_keys = ((raw.get("profiles") or {}).get(profile) or {}) if profile != "default" else {}
+    return [
+        (["profiles", profile, key] if key in profile_keys else key.split("."), value)
+        for key, value in overrides.items()
+    ]
+
+
+def _assign(node: Any, path: list[str], value: Any) -> None:
+    from upbeat.config import ConfigError
+
+    for i, part in enumerate(path[:-1]):
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not hasattr(node, "keys"):
+            raise ConfigError(
+                f"{'.'.join(path[: i + 1])} is not a block, cannot set {'.'.join(path)}"
+            )
+    node[path[-1]] = value
+
+
+def apply_overrides(params_file: Path, items: list[str]) -> list[str]:
+    """Validate `key=value` overrides against the schema, then write them into params.yaml
+    (comments and layout kept, like `dvc exp run -S`). Nothing is written if any is invalid."""
+    import copy
+
+    from ruamel.yaml import YAML
+
+    from upbeat.config import read_params_file, resolve, validate_params
+
+    raw = read_params_file(params_file)
+    plan = plan_overrides(raw, items)
+    candidate = copy.deepcopy(raw)
+    for path, value in plan:
+        _assign(candidate, path, value)
+    validate_params(resolve(candidate), f"{params_file} with --set {' '.join(items)}")
+
+    yaml = YAML()  # round-trip mode: comments, order and quoting survive
+    yaml.preserve_quotes = True
+    doc = yaml.load(params_file.read_text(encoding="utf-8"))
+    for path, value in plan:
+        _assign(doc, path, value)
+    tmp = params_file.with_name(f".{params_file.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        yaml.dump(doc, f)
+    tmp.replace(params_file)
+    return [".".join(path) for path, _ in plan]
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-S", help="Override a parameter, e.g. --set ppo.steps=10 (repeatable)."
+        ),
+    ] = None,
+    lock_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for another run to finish (0: refuse at once).")
+    ] = 0,
+) -> None:
+    """Run the pipeline through the Prefect flow (DVC skips what is up to date)."""
+    root = project()
+    with user_errors():
+        if set_:
+            written = apply_overrides(root / "params.yaml", set_)
+            console.print(f"params.yaml: set {', '.join(written)}")
+        from upbeat.config import load_params
+
+        load_params(root / "params.yaml")  # fail here, not three stages in
+    flows = retrain_module()
+    try:
+        results = flows.retrain(project=str(root), lock_timeout=lock_timeout)
+    except flows.LockHeld as exc:
+        raise fail(str(exc)) from None
+    except flows.StageFailed as exc:
+        lines = [ln for ln in exc.stderr.strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+        detail = detail or (lines[-1] if lines else f"exit {exc.returncode}")
+        raise fail(
+            f"stage {exc.stage!r} failed: {detail}",
+            "fix the cause and run `upbeat run` again: finished stages are kept and skipped, the "
+            "champion model is unchanged",
+        ) from None
+    table = Table("stage", "result", title="retrain")
+    for stage, outcome in results.items():
+        table.add_row(stage, "[green]ran[/]" if outcome == "ran" else "[dim]up to date[/]")
+    console.print(table)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule (server time zone).")] = "0 3 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+) -> None:
+    """Serve the retrain flow as a scheduled Prefect deployment (blocks; Ctrl-C stops)."""
+    root = project()
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        err.print(
+            "[yellow]note:[/] PREFECT_API_URL is not set: serving on a temporary local server "
+            "(schedules stop with this process). For a persistent one: `prefect server start "
+            "--host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
+        )
+    retrain_module().serve(str(root), cron=cron, name=name)
+
+
+@app.command()
+def status(
+    runs: Annotated[int, typer.Option("--runs", "-n", help="How many recent runs to show.")] = 5,
+) -> None:
+    """Recent pipeline runs, the champion model and its metrics."""
+    root = project()
+    from mlflow import MlflowClient
+    from upbeat import registry
+    from upbeat.tracking import EXPERIMENT, setup_mlflow, tracking_uri
+
+    with user_errors():
+        setup_mlflow(root)
+        client = MlflowClient(tracking_uri(root))
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`upbeat.flow` = 'retrain'",
+            order_by=["attributes.start_time DESC"],
+            max_results=runs,
+        )
+        table = Table(
+            "started (UTC)", "status", "minutes", "stages run", "run id", title="recent runs"
+        )
+        for r in found:
+            start = datetime.fromtimestamp(r.info.start_time / 1000, UTC)
+            end = r.info.end_time or r.info.start_time
+            ran = [
+                k.removeprefix("stage.")
+                for k, v in r.data.tags.items()
+                if k.startswith("stage.") and v == "ran"
+            ]
+            colour = {"FINISHED": "green", "FAILED": "red"}.get(r.info.status, "yellow")
+            table.add_row(
+                start.strftime("%Y-%m-%d %H:%M"),
+                f"[{colour}]{r.info.status}[/]",
+                f"{(end - r.info.start_time) / 60000:.1f}",
+                ", ".join(ran) or "-",
+                r.info.run_id[:8],
+            )
+        console.print(table if found else "no pipeline runs yet: `upbeat run`")
+
+        info = registry.status(model_name(root))
+        champ = info["champion"]
+        if champ is None:
+            console.print(f"model {info['model']!r}: no champion yet")
+        else:
+            metrics = Table(
+                "metric",
+                "value",
+                title=f"champion: {info['model']} v{champ['version']} ({champ['how']})",
+            )
+            for key in sorted(champ["metrics"]):
+                if key.startswith(("after/", "delta/")) and "_ci_" not in key:
+                    metrics.add_row(key, f"{champ['metrics'][key]:.4f}")
+            console.print(metrics)
+            if champ["reason"]:
+                console.print(f"[dim]why: {champ['reason']}[/]", highlight=False)
+        if info["versions"]:
+            versions = Table(
+                "version", "aliases", "gate passed", "registered", title="latest versions"
+            )
+            for v in info["versions"]:
+                versions.add_row(
+                    v["version"], ", ".join(v["aliases"]), v["gate"], v["registered_at"]
+                )
+            console.print(versions)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered model version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version).")],
+) -> None:
+    """Make VERSION the champion, whatever the gate said (recorded with your reason)."""
+    root = project()
+    from upbeat import registry
+
+    with user_errors():
+        name = model_name(root)
+        registry.promote(name, version, reason)
+    console.print(f"{name}: champion -> version {version}")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version).")] = "manual rollback",
+) -> None:
+    """Point champion back at the previous champion."""
+    root = project()
+    from upbeat import registry
+
+    with user_errors():
+        name = model_name(root)
+        version = registry.rollback(name, reason)
+    console.print(f"{name}: champion rolled back to version {version}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="models:/NAME@alias, models:/NAME/VERSION or a local policy directory "
+            "[default: models:/<register.model_name>@champion]."
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="How many continuations.", min=1)] = 3,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="[default: evaluate.max_new_tokens]")
+    ] = None,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Continue PROMPT with a registered model (the champion by default)."""
+    root = project()
+    from upbeat.config import load_params
+
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        uri = model or f"models:/{params.register.model_name}@champion"
+        with console.status(f"loading {uri}"):
+            from upbeat.generation import sample_continuations
+            from upbeat.models import load_policy, set_threads
+            from upbeat.registry import download_policy
+
+            set_threads(params.policy.num_threads)
+            path = download_policy(uri) if uri.startswith("models:/") else Path(uri)
+            policy, tokenizer = load_policy(str(path))
+        texts = sample_continuations(
+            policy,
+            tokenizer,
+            [prompt] * n,
+            max_new_tokens=max_new_tokens or params.evaluate.max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            batch_size=n,
+        )
+    for text in texts:
+        console.print(f"[dim]{prompt}[/]{text}", highlight=False)
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="A data file to check.")],
+    source: Annotated[
+        str | None,
+        typer.Option(help="sentiment140 | packaged [default: ingest.source in params.yaml]"),
+    ] = None,
+    docs: Annotated[Path | None, typer.Option(help="Write Data Docs (HTML) here.")] = None,
+) -> None:
+    """Check a data drop (ingest + validate) without touching the pipeline; exit 0 if it passes."""
+    root = project()
+    from upbeat.config import load_params
+
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        source = source or params.ingest.source
+        if source not in ("sentiment140", "packaged"):
+            raise fail(f"--source {source!r} is not one of sentiment140, packaged")
+        from upbeat.data.check import check_file
+
+        with console.status(f"checking {path}"):
+            verdict = check_file(path, source, params, docs_dir=docs)  # type: ignore[arg-type]
+    if verdict.get("success"):
+        console.print(f"[green]PASS[/] {path} ({source})", highlight=False)
+        return
+    err.print(
+        f"[bold red]FAIL[/] {path} ({source}, at {verdict.get('stage', '?')}):", highlight=False
+    )
+    err.print(verdict.get("summary", "(no summary)"), highlight=False, markup=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the project's store (127.0.0.1 only)."""
+    import subprocess
+
+    from upbeat.tracking import tracking_uri
+
+    root = project()
+    uri = tracking_uri(root)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+        cmd += ["--default-artifact-root", artifacts.as_uri()]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(cmd, cwd=root, check=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,37 @@
+"""Check a data drop before a scheduled run picks it up: ingest + validate, outputs untouched.
+
+`upbeat validate PATH --source ...` calls `check_file`. It works in a temporary directory, so the
+pipeline's `data/` and `reports/` are never written; Data Docs go to `docs_dir` only if asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from upbeat.config import Params
+from upbeat.data.expectations import validate_frame
+from upbeat.data.sources import ingest
+from upbeat.errors import DataError
+
+
+def check_file(
+    path: str | Path,
+    source: Literal["sentiment140", "packaged"],
+    params: Params,
+    docs_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Ingest `path` as `source`, run the validate suite, return the verdict.
+
+    Never raises DataError: a file that cannot even be ingested gives
+    `{"success": False, "stage": "ingest", "summary": why}`; otherwise the verdict is the
+    validate stage's (see `expectations.make_verdict`) plus
+    `"stage": "validate"`. `params` supplies the `ingest` and `validate` blocks.
+    """
+    ingest_params = params.ingest.model_copy(update={"source": source})
+    try:
+        df = ingest(ingest_params, path=Path(path))
+    except DataError as exc:
+        return {"success": False, "stage": "ingest", "summary": str(exc), "file": str(path)}
+    verdict = validate_frame(df, params.validate, docs_dir=docs_dir)
+    return {**verdict, "stage": "validate", "file": str(path)}

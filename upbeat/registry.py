@@ -1,0 +1,372 @@
+"""The MLflow Model Registry: register each PPO policy, gate it, and move the `champion` alias.
+
+Aliases, not the deprecated stages: every registered version gets `challenger`; `champion` moves
+only when the gate passes (or a person runs `upbeat promote`). The registry is the record:
+- version tags hold lineage (`lineage.*`: git commit, dvc.lock hash, data hash, params) and the
+  evaluate metrics (`metric.<group/name>`), so the gate compares two versions from tags alone;
+- the gate's decision and reasons are tags on the challenger (`gate.*`);
+- the registered model's `champion.history` tag lists every champion in order, so `rollback`
+  knows where to go back to, and each move is tagged on the version (`champion.how/reason/at`).
+
+`gate()` is a pure function of two metric dicts and the gate params: unit-testable, no MLflow.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import math
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from upbeat.config import GateParams
+from upbeat.errors import UpbeatError
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+HISTORY_TAG = "champion.history"
+METRIC_PREFIX = "metric."
+# The gate's fixed checks read these evaluate metrics (see upbeat/evaluate.py).
+JUDGE_DELTA = "delta/judge_mean"
+KL = "after/kl_mean"
+DISTINCT_2 = "after/distinct_2"
+TAG_LIMIT = 5000  # MLflow's limit on a tag value
+REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
+
+
+# --- the gate (pure) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the challenger may become champion, and one reason per check."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def gate(
+    challenger: Mapping[str, float], champion: Mapping[str, float] | None, params: GateParams
+) -> Decision:
+    """Every check must pass: beat the champion on `params.metric`, the judge agrees, KL and
+    diversity in bounds. A missing or NaN metric fails its check (never silently passes)."""
+    reasons: list[str] = []
+    passed = True
+
+    def value(metrics: Mapping[str, float], key: str) -> float | None:
+        got = metrics.get(key)
+        return float(got) if got is not None and math.isfinite(float(got)) else None
+
+    def check(ok: bool, text: str) -> None:
+        nonlocal passed
+        passed = passed and ok
+        reasons.append(f"{'pass' if ok else 'FAIL'}: {text}")
+
+    mine = value(challenger, params.metric)
+    theirs = value(champion, params.metric) if champion is not None else None
+    if mine is None:
+        check(False, f"challenger has no finite {params.metric}")
+    elif champion is None:
+        check(True, f"no champion yet ({params.metric} = {mine:.4f})")
+    elif theirs is None:
+        check(True, f"champion has no {params.metric} to beat ({params.metric} = {mine:.4f})")
+    else:
+        beats = mine > theirs
+        check(beats, f"{params.metric} {mine:.4f} {'>' if beats else '<='} champion's {theirs:.4f}")
+
+    bounds = (
+        (JUDGE_DELTA, ">", params.min_judge_delta),
+        (KL, "<", params.max_kl),
+        (DISTINCT_2, ">", params.min_distinct_2),
+    )
+    for key, op, bound in bounds:
+        got = value(challenger, key)
+        if got is None:
+            check(False, f"challenger has no finite {key}")
+            continue
+        ok = got > bound if op == ">" else got < bound
+        shown = op if ok else {">": "<=", "<": ">="}[op]
+        check(ok, f"{key} {got:.4f} {shown} {bound:g}")
+    return Decision(passed, reasons)
+
+
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def _git(root: Path, *args: str) -> str | None:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def lineage(root: Path, params: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags that say where a model came from: code, pipeline state, data, parameters."""
+    tags = {
+        "lineage.git_commit": _git(root, "rev-parse", "HEAD") or "unknown",
+        "lineage.git_dirty": str(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
+    }
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        tags["lineage.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        data = sorted(
+            f"{out['path']}:{out.get('md5', '')}"
+            for body in stages.values()
+            for out in body.get("outs", [])
+            if str(out.get("path", "")).startswith("data/")
+        )
+        if data:
+            tags["lineage.data_hash"] = hashlib.sha256("\n".join(data).encode()).hexdigest()
+    if params is not None:
+        tags["lineage.params"] = json.dumps(params, sort_keys=True, default=str)[:TAG_LIMIT]
+    return tags
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what loading the policy needs, from this environment."""
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+# --- registry operations -------------------------------------------------------------------------
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+    from upbeat.tracking import setup_mlflow, tracking_uri
+
+    setup_mlflow()
+    return MlflowClient(tracking_uri())
+
+
+def _signature() -> Any:
+    """The pyfunc's signature, built without executing policy_pyfunc.py (it calls set_model)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", 16),
+                ParamSpec("temperature", "double", 1.0),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def register_policy(
+    policy_dir: str | Path,
+    model_name: str,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log `policy_dir` as a pyfunc model in the active run (or a new one), register a new version
+    of `model_name`, tag it with lineage and metrics, and point `challenger` at it."""
+    import mlflow
+
+    policy_dir = Path(policy_dir)
+    if not (policy_dir / "config.json").is_file():
+        raise UpbeatError(f"{policy_dir}: not a saved policy (no config.json); run the ppo stage")
+    client = _client()
+    started = mlflow.active_run() is None
+    if started:
+        mlflow.start_run(run_name="register")
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="policy",
+            python_model=str(Path(__file__).with_name("policy_pyfunc.py")),
+            artifacts={"policy": str(policy_dir)},
+            signature=_signature(),
+            pip_requirements=pip_requirements(),
+            registered_model_name=model_name,
+        )
+    finally:
+        if started:
+            mlflow.end_run()
+    ver = str(info.registered_model_version)
+    for key, val in (tags or {}).items():
+        client.set_model_version_tag(model_name, ver, key, str(val)[:TAG_LIMIT])
+    for key, val in metrics.items():
+        client.set_model_version_tag(model_name, ver, f"{METRIC_PREFIX}{key}", repr(float(val)))
+    client.set_model_version_tag(model_name, ver, "registered_at", _now())
+    client.set_registered_model_alias(model_name, CHALLENGER, ver)
+    return ver
+
+
+def _version(client: Any, model_name: str, ver: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(model_name, str(ver))
+    except MlflowException:
+        raise UpbeatError(
+            f"model {model_name!r} has no version {ver}; `upbeat status` lists the versions"
+        ) from None
+
+
+def champion_version(model_name: str, client: Any = None) -> Any | None:
+    """The version `champion` points at, or None when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def version_metrics(mv: Any) -> dict[str, float]:
+    """The evaluate metrics stored on a version's tags."""
+    return {
+        key.removeprefix(METRIC_PREFIX): float(val)
+        for key, val in (mv.tags or {}).items()
+        if key.startswith(METRIC_PREFIX)
+    }
+
+
+def champion_history(model_name: str, client: Any = None) -> list[str]:
+    """Every version that was champion, oldest first (rollbacks pop the end)."""
+    client = client or _client()
+    tags = client.get_registered_model(model_name).tags or {}
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def _set_champion(client: Any, model_name: str, ver: str, how: str, reason: str) -> None:
+    history = champion_history(model_name, client)
+    if how != "rollback":
+        history.append(str(ver))
+    client.set_registered_model_alias(model_name, CHAMPION, str(ver))
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    for key, val in {"how": how, "reason": reason, "at": _now(), "by": getpass.getuser()}.items():
+        client.set_model_version_tag(model_name, str(ver), f"champion.{key}", val[:TAG_LIMIT])
+
+
+def promote_if_passes(model_name: str, ver: str, params: GateParams) -> Decision:
+    """Run the gate for version `ver` against the current champion; move `champion` if it passes."""
+    client = _client()
+    challenger = _version(client, model_name, ver)
+    current = champion_version(model_name, client)
+    if current is not None and str(current.version) == str(ver):
+        return Decision(False, [f"version {ver} is already the champion"])
+    decision = gate(
+        version_metrics(challenger), version_metrics(current) if current else None, params
+    )
+    tags = {
+        "gate.passed": str(decision.passed),
+        "gate.reasons": "; ".join(decision.reasons),
+        "gate.champion_before": str(current.version) if current else "none",
+        "gate.at": _now(),
+    }
+    for key, val in tags.items():
+        client.set_model_version_tag(model_name, str(ver), key, val[:TAG_LIMIT])
+    if decision.passed:
+        _set_champion(client, model_name, str(ver), "gate", "; ".join(decision.reasons))
+    return decision
+
+
+def promote(model_name: str, ver: str, reason: str) -> None:
+    """Manual override: make `ver` the champion whatever the gate said, and record why."""
+    if not reason.strip():
+        raise UpbeatError("a manual promotion needs a reason: --reason '...'")
+    client = _client()
+    _version(client, model_name, ver)
+    _set_champion(client, model_name, str(ver), "manual", reason)
+
+
+def rollback(model_name: str, reason: str = "rollback") -> str:
+    """Point `champion` back at the previous champion; returns that version."""
+    client = _client()
+    current = champion_version(model_name, client)
+    history = champion_history(model_name, client)
+    if current is None or len(history) < 2:
+        raise UpbeatError(
+            f"{model_name!r} has no earlier champion to roll back to "
+            f"(history: {history or 'empty'}); use `upbeat promote VERSION --reason ...`"
+        )
+    if history[-1] != str(current.version):  # the alias was moved outside upbeat: trust it
+        history.append(str(current.version))
+    history.pop()
+    previous = history[-1]
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(model_name, str(current.version), "rollback.at", _now())
+    client.set_model_version_tag(model_name, str(current.version), "rollback.reason", reason)
+    _set_champion(client, model_name, previous, "rollback", reason)
+    return previous
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def download_policy(uri: str, dst: str | Path | None = None) -> Path:
+    """Download a registered model (`models:/NAME@champion`, `models:/NAME/3`) and return the
+    policy directory inside it, ready for `upbeat.models.load_policy`."""
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    _client()
+    dst = Path(dst or tempfile.mkdtemp(prefix="upbeat-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise UpbeatError(
+            f"cannot load {uri}: {exc.message.splitlines()[0]} "
+            "(run the pipeline with `upbeat run`, or see `upbeat status`)"
+        ) from None
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    rel = spec["flavors"]["python_function"]["artifacts"]["policy"]["path"]
+    return local / rel
+
+
+def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
+    """The champion (version, metrics, how it got there) and the latest versions with their gate."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        return {"model": model_name, "champion": None, "versions": [], "history": []}
+    champ = champion_version(model_name, client)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    versions = sorted(versions, key=lambda mv: int(mv.version), reverse=True)[:n_versions]
+    return {
+        "model": model_name,
+        "champion": None
+        if champ is None
+        else {
+            "version": str(champ.version),
+            "metrics": version_metrics(champ),
+            "how": champ.tags.get("champion.how", ""),
+            "reason": champ.tags.get("champion.reason", ""),
+        },
+        "history": champion_history(model_name, client),
+        "versions": [
+            {
+                "version": str(mv.version),
+                "aliases": list(mv.aliases or []),
+                "gate": mv.tags.get("gate.passed", "-"),
+                "registered_at": mv.tags.get("registered_at", ""),
+            }
+            for mv in versions
+        ],
+    }

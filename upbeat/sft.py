@@ -1,0 +1,205 @@
+"""Supervised fine-tuning: plain causal-LM training of the policy on the cleaned train tweets.
+
+By default the tweets are the negative ones (as in the blog), so the SFT model writes tweets that
+lean negative and PPO has something to fix. Each tweet is one sequence ending in EOS, so the model
+also learns where a tweet stops. CPU time is the budget: only the top `train_top_blocks` blocks
+are trained (backward stops at the lowest trained block), and the train split is capped.
+
+Pure apart from the model it updates in place: texts in, metrics and a loss curve out. Logging
+(MLflow) is a function passed in, so tests and benchmarks run without a tracking store.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from upbeat.errors import DataError, TrainingError
+from upbeat.models import freeze_except_top_blocks, position_ids_from_mask
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from upbeat.config import SFTParams
+
+LogFn = Callable[[Mapping[str, float], int], None]
+IGNORE = -100  # label id cross_entropy skips: padding is not a prediction target
+
+
+@dataclass
+class SFTResult:
+    """What a run produced besides the updated weights."""
+
+    metrics: dict[str, float]
+    """DVC/MLflow metrics: `sft/eval_ppl_before`, `sft/eval_ppl_after`, `sft/train_loss`, ..."""
+    curve: list[dict[str, float]] = field(default_factory=list)
+    """One row per optimizer step: step, epoch, loss, lr (for `dvc plots`)."""
+
+
+def tokenize(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[list[int]]:
+    """Token ids per text, cut to `max_length - 1`, then EOS: each example ends as a tweet ends."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length - 1)["input_ids"]
+    return [[*ids, tokenizer.eos_token_id] for ids in encoded]
+
+
+def collate(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a batch (as generation does) with a mask, mask-derived positions and labels."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T) 1 = real token
+    for row, ids in enumerate(seqs):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "labels": labels,
+    }
+
+
+def eval_perplexity(
+    model: PreTrainedModel, seqs: Sequence[list[int]], pad_id: int, batch_size: int
+) -> float:
+    """exp(mean next-token NLL over all real tokens): each token weighs the same, not each batch."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(seqs), batch_size):
+            batch = collate(seqs[start : start + batch_size], pad_id)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1]  # (B, T-1, V) predicts token t+1
+            targets = labels[:, 1:]  # (B, T-1)
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                targets.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            ).item()
+            count += int((targets != IGNORE).sum())
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    params: SFTParams,
+    *,
+    log: LogFn | None = None,
+    progress: bool = True,
+) -> SFTResult:
+    """Fine-tune `model` in place; returns eval perplexity before/after and the loss curve.
+
+    Same seed, same texts and same thread count give bit-identical weights on CPU: dropout is off
+    (load_policy zeroes it) and the only randomness is the seeded shuffle.
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    if not train_texts:
+        raise DataError("sft: the train split is empty")
+    if not eval_texts:
+        raise DataError("sft: the eval split is empty")
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    train_texts = _cap(train_texts, params.max_train_examples, gen)
+    eval_texts = _cap(eval_texts, params.max_eval_examples, gen)
+    train_seqs = tokenize(train_texts, tokenizer, params.max_length)
+    eval_seqs = tokenize(eval_texts, tokenizer, params.max_length)
+    pad_id = tokenizer.pad_token_id
+
+    trainable = freeze_except_top_blocks(model, params.train_top_blocks)
+    # No weight decay: a few hundred steps from a pretrained model, nothing to regularise towards.
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_seqs) / params.batch_size)
+    total_steps = params.epochs * steps_per_epoch
+    scheduler = get_linear_schedule_with_warmup(optimizer, params.warmup_steps, total_steps)
+
+    ppl_before = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
+    if log:
+        log({"sft/eval_ppl": ppl_before}, 0)
+    curve: list[dict[str, float]] = []
+    tokens, losses, started = 0, [], time.perf_counter()
+    model.train()
+    with _progress(progress, total_steps) as bar:
+        step = 0
+        for epoch in range(params.epochs):
+            order = torch.randperm(len(train_seqs), generator=gen).tolist()
+            for start in range(0, len(order), params.batch_size):
+                rows = order[start : start + params.batch_size]
+                batch = collate([train_seqs[i] for i in rows], pad_id)
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"sft: loss is {loss.item()} at step {step + 1}; "
+                        "lower sft.learning_rate (weights were not saved)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                tokens += int(batch["attention_mask"].sum())
+                losses.append(loss.item())
+                row = {"step": step, "epoch": epoch + 1, "loss": losses[-1]}
+                row["lr"] = scheduler.get_last_lr()[0]
+                curve.append(row)
+                if log:
+                    log({"sft/loss": row["loss"], "sft/lr": row["lr"]}, step)
+                bar(f"epoch {epoch + 1}/{params.epochs} loss {losses[-1]:.3f}")
+            ppl = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
+            if log:
+                log({"sft/eval_ppl": ppl}, step)
+    model.eval()
+    seconds = time.perf_counter() - started
+    tail = losses[-max(1, steps_per_epoch // 4) :]  # last quarter epoch: less noisy than one step
+    metrics = {
+        "sft/eval_ppl_before": ppl_before,
+        "sft/eval_ppl_after": ppl,
+        "sft/train_loss": sum(tail) / len(tail),
+        "sft/steps": float(step),
+        "sft/train_examples": float(len(train_seqs)),
+        "sft/trainable_params": float(sum(p.numel() for p in trainable)),
+        "sft/tokens_per_s": tokens / seconds,
+    }
+    return SFTResult(metrics=metrics, curve=curve)
+
+
+def _cap(texts: Sequence[str], cap: int, gen: torch.Generator) -> list[str]:
+    """A seeded random subset of at most `cap` texts (all of them, reordered, when fewer)."""
+    import torch
+
+    keep = torch.randperm(len(texts), generator=gen)[:cap].tolist()
+    return [texts[i] for i in keep]
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar advanced once per step with a new description, or a no-op."""
+    if not enabled:
+        yield lambda _description: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn()) as bar:
+        task = bar.add_task("sft", total=total)
+        yield lambda description: bar.update(task, advance=1, description=description)
