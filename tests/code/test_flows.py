@@ -1,0 +1,120 @@
+"""The retrain flow's pieces that need no DVC run: stage order, retry policy, the run lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from flows import retrain as rf
+
+
+def write_dvc_yaml(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_stage_order_follows_deps_not_file_order(tmp_path):
+    # `b` is written first but needs `a`'s output (through a var and a directory out).
+    dvc_yaml = write_dvc_yaml(
+        tmp_path / "dvc.yaml",
+        """
+        vars:
+          - model: models/m
+        stages:
+          b:
+            cmd: x
+            deps: [models/m/weights.bin, src.py]
+            outs: [out/b.txt]
+          a:
+            cmd: x
+            outs: [{ "${model}": {cache: false} }]
+          c:
+            cmd: x
+            deps: [out/b.txt]
+            metrics: [{reports/c.json: {cache: false}}]
+          d:
+            cmd: x
+            deps: [reports/c.json]
+          e:
+            cmd: x
+        """,
+    )
+    assert rf.stage_order(dvc_yaml) == ["a", "b", "c", "d", "e"]
+
+
+def test_stage_order_rejects_a_cycle(tmp_path):
+    dvc_yaml = write_dvc_yaml(
+        tmp_path / "dvc.yaml",
+        """
+        stages:
+          a: {cmd: x, deps: [b.txt], outs: [a.txt]}
+          b: {cmd: x, deps: [a.txt], outs: [b.txt]}
+        """,
+    )
+    with pytest.raises(ValueError, match="cycle"):
+        rf.stage_order(dvc_yaml)
+
+
+def test_project_stage_order_is_the_pipeline():
+    order = rf.stage_order(ROOT / "dvc.yaml")
+    assert order[:3] == ["ingest", "validate", "clean"]
+    assert order[-3:] == ["evaluate", "register", "promote"]
+    for earlier, later in [("clean", "sft"), ("sft", "evaluate"), ("reward", "evaluate")]:
+        if earlier in order and later in order:
+            assert order.index(earlier) < order.index(later)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "transient"),
+    [
+        (1, "error: data/raw/tweets.parquet: 12 rows have target 7", False),
+        (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+        (1, "sqlite3.OperationalError: database is locked", True),
+        (-9, "", True),  # killed (e.g. by the OOM killer)
+    ],
+)
+def test_only_transient_failures_retry(returncode, stderr, transient):
+    exc = rf.StageFailed("clean", returncode, stderr)
+    assert exc.transient is transient
+    assert "stage 'clean' failed" in str(exc) and stderr[-20:] in str(exc)
+
+    class State:
+        data = exc
+
+    assert rf._retry_if_transient(None, None, State()) is transient
+
+
+def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from pathlib import Path; from flows.retrain import run_lock\n"
+            "with run_lock(Path(sys.argv[2])):\n"
+            "    print('held', flush=True); time.sleep(60)",
+            str(ROOT),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since \S+ \(pid"),
+            rf.run_lock(tmp_path, timeout=0.2),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with rf.run_lock(tmp_path, timeout=5):  # the OS released it with the process
+        assert (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").is_file()
+    assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()
