@@ -192,7 +192,7 @@ def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def _zero_dropout(config: Any) -> None:
     """Zero every dropout probability in a config (Llama: attention_dropout; GPT-2: *_pdrop)."""
     for key, value in list(vars(config).items()):
-        if isinstance(value, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
             setattr(config, key, 0.0)
 
 

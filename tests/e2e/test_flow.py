@@ -1,0 +1,148 @@
+"""The retrain flow under `prefect_test_harness`, on a tiny git + DVC copy of the project.
+
+One ordered story (each step needs the state the previous one left):
+1. the first run runs every stage, registers version 1, the gate makes it champion, stages nest
+   under the flow's MLflow run, and `upbeat generate` loads the champion by alias;
+2. a second run skips every stage;
+3. a stage that fails (a bad judge name) stops the flow with its error; register and promote do
+   not run, the champion is untouched, and `dvc.lock` still describes the last good run;
+4. a new data drop that only adds positive tweets (SFT keeps negatives) re-runs the stages that
+   read the raw data, and nothing downstream of the unchanged SFT split;
+5. while another process holds the lock, a run is refused with who holds it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from tiny_project import ROOT, make_project, stage_env, tweets_csv
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(ROOT))
+from flows import retrain as rf
+
+ALL = [
+    "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture
+def env(project, monkeypatch):
+    for key, value in stage_env(project).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project)
+
+
+def registry_state(name: str = "upbeat-policy") -> tuple[str | None, int]:
+    from upbeat import registry
+
+    info = registry.status(name, n_versions=100)
+    champion = info["champion"]["version"] if info["champion"] else None
+    return champion, len(info["versions"])
+
+
+def test_retrain_story(harness, project, env):
+    from mlflow import MlflowClient
+    from upbeat.cli import app, apply_overrides
+    from upbeat.tracking import EXPERIMENT, tracking_uri
+
+    assert rf.stage_order(project / "dvc.yaml") == ALL
+
+    # 1. everything runs; the first model passes the (opened) gate
+    first = rf.retrain(project=str(project))
+    assert first == dict.fromkeys(ALL, "ran")
+    promoted = yaml.safe_load((project / "reports" / "promote.json").read_text())
+    assert promoted["passed"] is True, promoted["reasons"]
+    assert registry_state() == ("1", 1)
+    metrics = yaml.safe_load((project / "reports" / "evaluate.json").read_text())
+    assert {"before/reward_mean", "after/kl_mean", "delta/judge_mean_ci_low"} <= set(metrics)
+    for png in ("scores_hist.png", "ppo_curve.png", "reward_vs_kl.png"):
+        assert (project / "reports" / "eval_plots" / png).stat().st_size > 1000
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`upbeat.flow` = 'retrain'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {r.data.tags["upbeat.stage"] for r in children} == set(ALL)
+
+    result = CliRunner().invoke(app, ["generate", "i love", "-n", "2", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("i love") == 2
+
+    # 2. nothing changed: DVC skips every stage, no new version
+    assert rf.retrain(project=str(project)) == dict.fromkeys(ALL, "skipped")
+    assert registry_state() == ("1", 1)
+
+    # 3. a failing stage stops the flow; the champion and dvc.lock stay as they were
+    lock_before = (project / "dvc.lock").read_text()
+    apply_overrides(project / "params.yaml", ["evaluate.judge=bogus"])
+    with pytest.raises(rf.StageFailed, match="is not a judge") as failed:
+        rf.retrain(project=str(project))
+    assert failed.value.stage == "evaluate" and not failed.value.transient
+    assert registry_state() == ("1", 1)
+    assert (project / "dvc.lock").read_text() == lock_before
+    latest = client.search_runs(
+        [exp.experiment_id],
+        "tags.`upbeat.flow` = 'retrain'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
+    assert latest.info.status == "FAILED"
+    assert latest.data.tags["stage.ppo"] == "skipped" and "stage.register" not in latest.data.tags
+    apply_overrides(project / "params.yaml", ["evaluate.judge=lexicon"])
+    assert set(rf.retrain(project=str(project)).values()) == {"skipped"}  # lock never saw bogus
+
+    # 4. data-driven: a new drop adds positive tweets only; SFT data is unchanged
+    drop = project / "drops" / "tweets.csv"
+    tweets_csv(project / "drops" / "more.csv", 40, start=300, targets=(4,))
+    (project / "drops" / "tweets2.csv").write_bytes(
+        drop.read_bytes() + (project / "drops" / "more.csv").read_bytes()
+    )
+    apply_overrides(project / "params.yaml", ["ingest.sentiment140_path=drops/tweets2.csv"])
+    ran = {s for s, r in rf.retrain(project=str(project)).items() if r == "ran"}
+    assert ran == {"ingest", "validate", "clean", "reward"}
+    assert registry_state() == ("1", 1)
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(harness, project, env):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from pathlib import Path; from flows.retrain import run_lock\n"
+            "with run_lock(Path(sys.argv[2])):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(ROOT),
+            str(project),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock_before = (project / "dvc.lock").read_text()
+        with pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since"):
+            rf.retrain(project=str(project))
+        assert (project / "dvc.lock").read_text() == lock_before
+    finally:
+        holder.kill()
+        holder.wait()
