@@ -48,7 +48,7 @@ def main() -> None:
     set_threads(params.policy.num_threads)
     with stage_run("evaluate", p.model_dump()):
         spec = load_spec(args.reward_spec)
-        judge = load_judge(p.judge, spec.kind)
+        judge = load_judge(p.judge, spec)
         sft, ppo = load_policy(args.sft), load_policy(args.ppo)
         texts = load_canonical(args.eval)["text"].astype(str).tolist()
         prompts = make_prompts(

@@ -165,8 +165,11 @@ class PPOParams(_Block):
     """Normalise advantages per batch to mean 0, std 1."""
     ratio_threshold: float = Field(gt=1)
     """Skip a minibatch whose mean policy ratio exceeds this (the update has diverged)."""
-    train_top_blocks: int = Field(ge=0)
-    """Train only the top N blocks; the frozen trunk is shared by policy and reference (hydra)."""
+    train_top_blocks: int = Field(ge=1)
+    """Train the top N blocks (+ final norm); the frozen trunk below is shared by policy and
+    reference and computed once per rollout (trlx's hydra)."""
+    bf16: bool
+    """Autocast matmuls to bfloat16 (AVX-512 BF16/AMX); weights and optimizer state stay fp32."""
     checkpoint_every: int = Field(ge=1)
     """Save a resumable checkpoint every N steps."""
     seed: int

@@ -162,19 +162,22 @@ def sequence_logprobs(
 def make_prompts(
     texts: Sequence[str], tokenizer: Any, n: int, min_tokens: int, max_tokens: int, seed: int
 ) -> list[str]:
-    """`n` prompts (all if fewer texts): the first k ∈ [min, max] tokens of held-out tweets.
+    """`n` prompts (fewer if the texts run out): the first k ∈ [min, max] tokens of held-out
+    tweets longer than `min_tokens`, cut before the last token.
 
-    The same recipe as PPO's training prompts, so "after" is measured on the task it learned.
+    The same recipe as PPO's training prompts (`upbeat.ppo.draw_prompts`), so "after" is measured
+    on the task it learned.
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(texts))[:n]
     prompts = []
-    for i in order:
+    for i in rng.permutation(len(texts)):
         ids = tokenizer(str(texts[i]), add_special_tokens=False)["input_ids"]
-        if not ids:
+        if len(ids) <= min_tokens:  # as in PPO: a prompt always leaves the tweet something to say
             continue
-        k = int(rng.integers(min_tokens, max_tokens + 1))
+        k = min(int(rng.integers(min_tokens, max_tokens + 1)), len(ids) - 1)
         prompts.append(tokenizer.decode(ids[:k], skip_special_tokens=True))
+        if len(prompts) == n:
+            break
     return prompts
 
 

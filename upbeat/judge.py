@@ -18,10 +18,14 @@ Every judge maps texts to [-1, 1]-ish scores, higher = more positive; > 0 counts
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from upbeat.errors import UpbeatError
+
+if TYPE_CHECKING:
+    from upbeat.rewards import RewardSpec
 
 Judge = Callable[[Sequence[str]], np.ndarray]
 
@@ -63,14 +67,17 @@ class LexiconJudge:
         return 2.0 * proba[:, self._pos] - 1.0
 
 
-def load_judge(kind: str, reward_kind: str) -> Judge:
+def load_judge(kind: str, reward: RewardSpec) -> Judge:
     """Build the judge named by `evaluate.judge`, refusing the reward's own scorer."""
     from upbeat.rewards import RewardSpec, load_scorer
 
-    if kind == reward_kind or (kind.startswith("hf:") and reward_kind == "hf"):
+    same = (kind == "vader" and reward.kind == "vader") or (
+        reward.kind == "hf" and kind == f"hf:{reward.model}"
+    )
+    if same:
         raise UpbeatError(
-            f"evaluate.judge {kind!r} is the same kind of scorer as the reward ({reward_kind}); "
-            "the judge must be independent: use `lexicon`, `vader` or `hf:<other model>`"
+            f"evaluate.judge {kind!r} is the reward's own scorer; the judge must be independent: "
+            "use `lexicon`, `vader` or `hf:<another model>`"
         )
     if kind == "lexicon":
         from upbeat.data.sources import read_packaged

@@ -21,6 +21,7 @@ Shapes: B episodes, Tq prompt tokens (left-padded), R response tokens, H hidden,
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import random
@@ -105,7 +106,7 @@ def kl_rewards(
     """Per-token rewards −β·KL_t, plus the score at each response's last real token.
 
     KL_t = log π(a_t) − log π_ref(a_t) is the k1 estimator of the per-token KL; its sum over a
-    response is the sequence KL in nats (returned per episode, (B,), for logging and the controller).
+    response is the sequence KL in nats (returned per episode, (B,), for logs and the controller).
     """
     kl = (logprobs - ref_logprobs) * response_mask  # (B, R)
     rewards = -beta * kl  # (B, R)
@@ -167,9 +168,13 @@ def value_loss(
     cliprange_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (PPO2 baselines): 0.5·max((v − R)², (clip(v, v_old ± ε) − R)²)."""
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    values_clipped = old_values + torch.clamp(
+        values - old_values, -cliprange_value, cliprange_value
+    )
     losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
-    clipfrac = masked_mean(((values_clipped - returns) ** 2 > (values - returns) ** 2).float(), response_mask)
+    clipfrac = masked_mean(
+        ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(), response_mask
+    )
     return 0.5 * masked_mean(losses, response_mask), clipfrac
 
 
@@ -276,7 +281,7 @@ class Hydra(nn.Module):
         """Log-probs of `response_ids`, values and entropies at the R positions predicting them.
 
         input_ids: (B, Tq+R−1) = prompt + response[:-1]; trunk: (B, Tq+R−1, H) cached trunk output.
-        Returns (logprobs, values, entropy), each (B, R). The LM head runs on those R positions only.
+        Returns (logprobs, values, entropy), each (B, R); the LM head runs on those positions only.
         """
         n_resp = response_ids.shape[1]
         with self._on_trunk(trunk, reference):
@@ -291,7 +296,7 @@ class Hydra(nn.Module):
         all_logprobs = torch.log_softmax(logits, dim=-1)  # (B, R, V)
         logprobs = all_logprobs.gather(-1, response_ids[..., None]).squeeze(-1)  # (B, R)
         entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)  # (B, R)
-        values = self.value_head(hidden).squeeze(-1)  # (B, R)
+        values = self.value_head(hidden).squeeze(-1).float()  # (B, R)
         return logprobs, values, entropy
 
 
@@ -366,14 +371,15 @@ def train(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
+    run_key: str = "",
     on_step: StepCallback | None = None,
 ) -> PPOResult:
     """Run PPO on `model` (modified in place: its top blocks and final norm are trained).
 
     `texts` are train tweets (prompts are cut from their start); `scorer` maps texts to scores.
     With `checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps and, when
-    `resume`, training continues from the latest one. `on_step(step, metrics)` is called after
-    every step (logging lives with the caller).
+    `resume`, training continues from the latest one if it was written with the same params and
+    `run_key`. `on_step(step, metrics)` is called after every step (logging lives with the caller).
     """
     # 0. Setup. Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader
     #    also zeroes dropout probabilities).
@@ -392,10 +398,24 @@ def train(
     result = PPOResult()
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None and resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        start, result.history = load_checkpoint(latest, hydra, optimizer, kl_ctl)
-        result.resumed_from = start
+    # A checkpoint only resumes the run it came from: same params and same `run_key` (the caller's
+    # identity of model and reward). Anything else in the directory is stale and removed.
+    fingerprint = hashlib.sha256(f"{cfg.model_dump_json()}|{run_key}".encode()).hexdigest()[:16]
+    if ckpt_dir is not None:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is not None and resume and _fingerprint_of(latest) == fingerprint:
+            start, result.history = load_checkpoint(latest, hydra, optimizer, kl_ctl)
+            result.resumed_from = start
+        elif ckpt_dir.exists():
+            for old in ckpt_dir.glob("*step-*"):
+                shutil.rmtree(old, ignore_errors=True)
     eos = tokenizer.eos_token_id
+
+    def autocast() -> torch.autocast:
+        # bf16 matmuls (AMX on this CPU) for every forward, sampling included, so the sampled
+        # distribution and the trained one are the same function; weights, optimizer state and
+        # log-softmax stay fp32.
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
     for step in range(start, cfg.steps):
         rng = _rng(cfg.seed, step)
@@ -407,7 +427,7 @@ def train(
 
         # 2. Rollout: KV-cache sampling from softmax(logits / T); the trunk's output is captured
         #    on the way, so no later forward recomputes it.
-        with hydra.capture_trunk() as captured:
+        with hydra.capture_trunk() as captured, autocast():
             s = sample(
                 model,
                 query_ids,
@@ -441,7 +461,7 @@ def train(
             raise TrainingError(f"step {step}: the reward returned NaN/inf; stopping")
         raw_score = score.clone()
         if cfg.missing_eos_penalty is not None:
-            # Missing-EOS penalty (TRL ppov2): a response cut at max_new_tokens loses a fixed amount.
+            # Missing-EOS penalty (TRL ppov2): a response cut at max_new_tokens loses this much.
             no_eos = ~(response_ids == eos).any(1)
             score = score - cfg.missing_eos_penalty * no_eos.float()
         t2 = time.perf_counter()
@@ -449,7 +469,7 @@ def train(
         # 4. Old log-probs and values (policy) and reference log-probs, without gradients.
         #    Old log-probs are recomputed rather than taken from sampling, so the first PPO ratio
         #    compares like with like (same full-sequence forward as training).
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             old_logprobs, old_values, _ = hydra(
                 input_ids, attention_mask, trunk, response_ids, cfg.temperature
             )
@@ -480,9 +500,14 @@ def train(
             for mb_start in range(0, cfg.batch_size, cfg.minibatch_size):
                 mb = torch.as_tensor(order[mb_start : mb_start + cfg.minibatch_size])
                 mb_mask = response_mask[mb]
-                mb_logprobs, mb_values, mb_entropy = hydra(
-                    input_ids[mb], attention_mask[mb], trunk[mb], response_ids[mb], cfg.temperature
-                )
+                with autocast():
+                    mb_logprobs, mb_values, mb_entropy = hydra(
+                        input_ids[mb],
+                        attention_mask[mb],
+                        trunk[mb],
+                        response_ids[mb],
+                        cfg.temperature,
+                    )
                 pg_loss, clipfrac, approx_kl, mean_ratio = policy_loss(
                     mb_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange
                 )
@@ -546,7 +571,9 @@ def train(
         if ckpt_dir is not None and (
             (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
         ):
-            save_checkpoint(ckpt_dir, step + 1, hydra, optimizer, kl_ctl, result.history)
+            save_checkpoint(
+                ckpt_dir, step + 1, hydra, optimizer, kl_ctl, result.history, fingerprint
+            )
     return result
 
 
@@ -576,6 +603,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     kl_ctl: FixedKLController | AdaptiveKLController,
     history: list[dict[str, float]],
+    fingerprint: str = "",
 ) -> Path:
     """Write checkpoint `step` atomically and keep the newest `_KEEP`."""
     from safetensors.torch import save_file
@@ -589,6 +617,7 @@ def save_checkpoint(
     torch.save(
         {
             "step": step,
+            "fingerprint": fingerprint,
             "optimizer": optimizer.state_dict(),
             "kl_coef": kl_ctl.value,
             "history": history,
@@ -611,6 +640,10 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _fingerprint_of(path: Path) -> str:
+    return str(torch.load(path / "state.pt", weights_only=False).get("fingerprint", ""))
+
+
 def load_checkpoint(
     path: Path,
     hydra: Hydra,
@@ -627,7 +660,11 @@ def load_checkpoint(
             if key.startswith("model."):
                 params[key.removeprefix("model.")].copy_(value)
     hydra.value_head.load_state_dict(
-        {k.removeprefix("value_head."): v for k, v in weights.items() if k.startswith("value_head.")}
+        {
+            k.removeprefix("value_head."): v
+            for k, v in weights.items()
+            if k.startswith("value_head.")
+        }
     )
     state = torch.load(path / "state.pt", weights_only=False)  # our own file, written above
     optimizer.load_state_dict(state["optimizer"])

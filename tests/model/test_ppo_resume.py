@@ -1,0 +1,121 @@
+"""A PPO run SIGKILLed after a checkpoint and re-run ends exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny
+import torch
+
+from upbeat.config import load_params
+from upbeat.models import load_policy
+from upbeat.ppo import latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[2]
+UPDATE = dict(
+    steps=5,
+    batch_size=8,
+    minibatch_size=4,
+    ppo_epochs=2,
+    learning_rate=1e-3,
+    max_new_tokens=6,
+    train_top_blocks=1,
+    checkpoint_every=2,
+    seed=7,
+)
+# Runs PPO in a child process that SIGKILLs itself right after step 3 (checkpoint: step 2).
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    import tiny
+    from upbeat.config import load_params
+    from upbeat.models import load_policy
+    from upbeat.ppo import train
+    torch.set_num_threads(1)
+    model, tok = load_policy({model!r})
+    cfg = load_params({params!r}).ppo.model_copy(update={update!r})
+    def score(texts):
+        return np.array([t.count("a") for t in texts], dtype=float)
+    def on_step(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir={ckpt!r}, on_step=on_step)
+    """
+)
+
+
+def score(texts):
+    return np.array([t.count("a") for t in texts], dtype=float)
+
+
+def _run(model_dir: Path, ckpt: Path | None, **changes):
+    model, tok = load_policy(str(model_dir))
+    cfg = load_params(ROOT / "params.yaml").ppo.model_copy(update={**UPDATE, **changes})
+    result = train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir=ckpt)
+    return result, model
+
+
+def _deterministic(history):
+    return [{k: v for k, v in h.items() if not k.startswith(("time/", "perf/"))} for h in history]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the child uses 1 thread too: same reduction order, same bits
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigkilled_run_resumes_to_the_same_end(tiny_llama, tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    code = CHILD.format(
+        tests=str(ROOT / "tests"),
+        model=str(tiny_llama),
+        params=str(ROOT / "params.yaml"),
+        update=UPDATE,
+        ckpt=str(ckpt),
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert latest_checkpoint(ckpt).name == "step-000002"
+
+    resumed, resumed_model = _run(tiny_llama, ckpt)
+    straight, straight_model = _run(tiny_llama, None)
+
+    assert resumed.resumed_from == 2
+    assert len(resumed.history) == len(straight.history) == UPDATE["steps"]
+    assert _deterministic(resumed.history) == _deterministic(straight.history)
+    for (name, a), b in zip(
+        resumed_model.named_parameters(), straight_model.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert latest_checkpoint(ckpt).name == "step-000005"  # the last step is always saved
+
+
+def test_half_written_checkpoint_is_ignored(tiny_llama, tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / ".tmp-step-000004-123").mkdir(parents=True)  # what a kill mid-save leaves behind
+    (ckpt / "step-000004").mkdir()  # no state.pt: incomplete, must not be resumed from
+    result, _ = _run(tiny_llama, ckpt)
+    assert result.resumed_from == 0
+    assert os.path.isfile(latest_checkpoint(ckpt) / "trainable.safetensors")
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tiny_llama, tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    _run(tiny_llama, ckpt, steps=2)
+    same, _ = _run(tiny_llama, ckpt, steps=2)
+    assert same.resumed_from == 2  # finished run, same params: nothing left to do
+    other, _ = _run(tiny_llama, ckpt, steps=2, seed=8)
+    assert other.resumed_from == 0  # stale checkpoints from other params are dropped
+    assert [p.name for p in sorted(ckpt.iterdir())] == ["step-000002"]
