@@ -42,6 +42,7 @@ from prefect.runtime import flow_run
 PARENT_ENV = "UPBEAT_PARENT_RUN_ID"  # the same name as upbeat.tracking.PARENT_ENV
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's stderr carried in the error
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|████" redraws
 TRANSIENT = re.compile(
     r"Unable to acquire lock|database is locked|Resource temporarily unavailable|"
     r"Connection (reset|refused)|Temporary failure",
@@ -50,7 +51,7 @@ TRANSIENT = re.compile(
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; carries its stderr so the flow shows the real error."""
+    """A DVC stage exited non-zero; carries its output so the flow shows the real error."""
 
     def __init__(self, stage: str, returncode: int, stderr: str) -> None:
         self.stage, self.returncode, self.stderr = stage, returncode, stderr
@@ -180,6 +181,7 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    env["PYTHONUNBUFFERED"] = "1"  # stage prints reach the flow log as they happen
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
@@ -198,20 +200,31 @@ def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_if_transient,
 )
 def repro_stage(root: str, stage: str, env: dict[str, str]) -> str:
-    """`dvc repro --single-item <stage>`; returns `ran` or `skipped` (DVC found it up to date)."""
+    """`dvc repro --single-item <stage>`; returns `ran` or `skipped` (DVC found it up to date).
+
+    The stage's output is streamed line by line into the flow's log as it comes (a PPO stage
+    runs for many minutes: the user sees its progress); progress-bar redraws are left out.
+    """
     logger = get_run_logger()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
         cwd=root,
         env=env,
-        capture_output=True,
-        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,  # universal newlines: a progress bar's \r redraws arrive as separate lines
     )
-    if proc.stdout.strip():
-        logger.info(proc.stdout.strip()[-STDERR_TAIL:])
-    if proc.returncode != 0:
-        raise StageFailed(stage, proc.returncode, proc.stderr or proc.stdout)
-    skipped = re.search(rf"Stage '{re.escape(stage)}' didn't change, skipping", proc.stdout)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip()
+        if line and not PROGRESS_BAR.search(line):
+            logger.info(line)
+            lines.append(line)
+    output = "\n".join(lines)
+    if proc.wait() != 0:
+        raise StageFailed(stage, proc.returncode, output)
+    skipped = re.search(rf"Stage '{re.escape(stage)}' didn't change, skipping", output)
     return "skipped" if skipped else "ran"
 
 

@@ -35,18 +35,20 @@ def write_curve(path: str | Path, history: list[dict[str, float]]) -> None:
 
 
 def summary(history: list[dict[str, float]]) -> dict[str, float]:
-    """DVC metrics: the last step's values (timings averaged over the run) + the run length."""
+    """DVC metrics: the last step's values, last-10-step means, timings averaged over the run."""
     last = {k: v for k, v in history[-1].items() if not k.startswith(("time/", "perf/"))}
     timing = {
         k: sum(h[k] for h in history) / len(history)
         for k in history[-1]
         if k.startswith(("time/", "perf/"))
     }
-    first = history[0]["objective/score"]
+    tail = history[-10:]  # one batch is noisy: the mean of the last 10 steps is the figure to read
     return {
         **last,
         **timing,
-        "objective/score_first": first,
+        "objective/score_first": history[0]["objective/score"],
+        "objective/score_last10": sum(h["objective/score"] for h in tail) / len(tail),
+        "objective/kl_last10": sum(h["objective/kl"] for h in tail) / len(tail),
         "ppo/steps": float(len(history)),
     }
 

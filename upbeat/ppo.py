@@ -295,7 +295,8 @@ class Hydra(nn.Module):
         logits = self.model.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
         all_logprobs = torch.log_softmax(logits, dim=-1)  # (B, R, V)
         logprobs = all_logprobs.gather(-1, response_ids[..., None]).squeeze(-1)  # (B, R)
-        entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)  # (B, R)
+        detached = all_logprobs.detach()  # entropy is logged, not optimised: no graph for it
+        entropy = -(detached.exp() * detached).sum(-1)  # (B, R)
         values = self.value_head(hidden).squeeze(-1).float()  # (B, R)
         return logprobs, values, entropy
 
@@ -533,7 +534,7 @@ def train(
                 stats["clipfrac"].append(clipfrac.item())
                 stats["approx_kl"].append(approx_kl.item())
                 stats["vf_clipfrac"].append(vf_clipfrac.item())
-                stats["entropy"].append(masked_mean(mb_entropy.detach(), mb_mask).item())
+                stats["entropy"].append(masked_mean(mb_entropy, mb_mask).item())
         t4 = time.perf_counter()
 
         # 8. Adapt β to the measured sequence KL, log, checkpoint.
