@@ -239,6 +239,7 @@ def _git_commit(root: Path) -> str:
 def open_parent_run(root: Path) -> tuple[Any, str]:
     """Start the flow's MLflow run (imported lazily: the flow itself needs no ML libraries)."""
     from mlflow import MlflowClient
+
     from upbeat.tracking import setup_mlflow, tracking_uri
 
     exp_id = setup_mlflow(root)

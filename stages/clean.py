@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import mlflow
+
 from upbeat.config import load_params
+from upbeat.data.check import require_passing
 from upbeat.data.clean import clean_tweets
 from upbeat.data.sources import load_canonical, save_canonical
 from upbeat.errors import DataError, exit_on_user_error
-from upbeat.tracking import log_metrics, read_json, stage_run, write_json
-
-
-def require_passing(verdict_path: str) -> None:
-    """Refuse to clean data the validate stage rejected (or never looked at)."""
-    path = Path(verdict_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no validation verdict; run the validate stage first")
-    verdict = read_json(path)
-    if verdict.get("success") is not True:
-        raise DataError(
-            f"{path} says the data failed validation; fix the input and re-run validate:\n"
-            f"{verdict.get('summary', '(no summary)')}"
-        )
+from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error

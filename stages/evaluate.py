@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import mlflow
+
 from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import DataError, exit_on_user_error

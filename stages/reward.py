@@ -13,6 +13,7 @@ import time
 import pandas as pd
 
 from upbeat.config import CleanParams, load_params
+from upbeat.data.check import require_passing
 from upbeat.data.clean import clean_tweets
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
@@ -39,11 +40,13 @@ def labelled_eval(raw: pd.DataFrame, clean: CleanParams, n: int) -> pd.DataFrame
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--labelled", required=True, help="canonical table with all targets")
+    parser.add_argument("--verdict", required=True, help="validate's verdict JSON")
     parser.add_argument("--out", required=True, help="reward spec JSON to write")
     parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
     args = parser.parse_args()
 
     params = load_params()
+    require_passing(args.verdict)
     labelled = labelled_eval(
         load_canonical(args.labelled), params.clean, params.reward.max_eval_examples
     )

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+
 from upbeat.config import load_params
 from upbeat.data.expectations import validate_frame
 from upbeat.data.sources import load_canonical

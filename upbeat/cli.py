@@ -220,6 +220,7 @@ def status(
     """Recent pipeline runs, the champion model and its metrics."""
     root = project()
     from mlflow import MlflowClient
+
     from upbeat import registry
     from upbeat.tracking import EXPERIMENT, setup_mlflow, tracking_uri
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow.pyfunc import PythonModel
-
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "policy"
 

@@ -145,6 +145,7 @@ def pip_requirements() -> list[str]:
 
 def _client() -> Any:
     from mlflow import MlflowClient
+
     from upbeat.tracking import setup_mlflow, tracking_uri
 
     setup_mlflow()
@@ -319,9 +320,8 @@ def rollback(model_name: str, reason: str = "rollback") -> str:
 def download_policy(uri: str, dst: str | Path | None = None) -> Path:
     """Download a registered model (`models:/NAME@champion`, `models:/NAME/3`) and return the
     policy directory inside it, ready for `upbeat.models.load_policy`."""
-    from mlflow.exceptions import MlflowException
-
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     _client()
     dst = Path(dst or tempfile.mkdtemp(prefix="upbeat-model-"))

@@ -60,6 +60,7 @@ def registry_state(name: str = "upbeat-policy") -> tuple[str | None, int]:
 
 def test_retrain_story(harness, project, env):
     from mlflow import MlflowClient
+
     from upbeat.cli import app, apply_overrides
     from upbeat.tracking import EXPERIMENT, tracking_uri
 

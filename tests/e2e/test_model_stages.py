@@ -84,8 +84,10 @@ def test_reward_stage_writes_spec_and_agreement(project: Path) -> None:
     texts = [f"{t} {i}" for i in range(20) for t in happy + sad]
     targets = [4, 4, 0, 0] * 20
     save_canonical(canonical(texts, targets), project / "raw.parquet")
-    args = ["--labelled", "raw.parquet", "--out", "models/reward_spec.json"]
-    proc = stage("reward", [*args, "--metrics", "reports/reward.json"], project)
+    (project / "verdict.json").write_text('{"success": true}')
+    args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
+    args += ["--out", "models/reward_spec.json", "--metrics", "reports/reward.json"]
+    proc = stage("reward", args, project)
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((project / "models/reward_spec.json").read_text())
     assert spec["kind"] == "vader" and spec["vader_score"] == "compound"
@@ -102,7 +104,17 @@ def test_reward_stage_bad_label_mapping_fails_clearly(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     raw = canonical(["good day to you", "bad day for me"], [4, 0])
     save_canonical(raw, project / "raw.parquet")
-    args = ["--labelled", "raw.parquet", "--out", "spec.json", "--metrics", "reward.json"]
-    proc = stage("reward", args, project)
+    (project / "verdict.json").write_text('{"success": true}')
+    args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
+    proc = stage("reward", [*args, "--out", "spec.json", "--metrics", "reward.json"], project)
     assert proc.returncode == 1 and "['joy', 'anger']" in proc.stderr
     assert not (project / "spec.json").exists()
+
+
+def test_reward_stage_refuses_data_that_failed_validation(project: Path) -> None:
+    save_canonical(canonical(["good day to you", "bad day for me"], [4, 0]), project / "raw.parquet")
+    (project / "verdict.json").write_text('{"success": false, "summary": "target: 12 rows"}')
+    args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
+    proc = stage("reward", [*args, "--out", "spec2.json", "--metrics", "reward2.json"], project)
+    assert proc.returncode == 1 and "failed validation" in proc.stderr
+    assert "target: 12 rows" in proc.stderr and not (project / "spec2.json").exists()

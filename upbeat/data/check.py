@@ -35,3 +35,22 @@ def check_file(
         return {"success": False, "stage": "ingest", "summary": str(exc), "file": str(path)}
     verdict = validate_frame(df, params.validate, docs_dir=docs_dir)
     return {**verdict, "stage": "validate", "file": str(path)}
+
+
+def require_passing(verdict_path: str | Path) -> None:
+    """Refuse to use data the validate stage rejected (or never looked at).
+
+    Every stage that reads the raw table after validation (clean, reward) calls this, so a failed
+    verdict stops them even when DVC is asked to run them alone.
+    """
+    path = Path(verdict_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no validation verdict; run the validate stage first")
+    from upbeat.tracking import read_json
+
+    verdict = read_json(path)
+    if verdict.get("success") is not True:
+        raise DataError(
+            f"{path} says the data failed validation; fix the input and re-run validate:\n"
+            f"{verdict.get('summary', '(no summary)')}"
+        )
