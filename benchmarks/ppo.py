@@ -1,12 +1,16 @@
-"""PPO benchmark: sampler vs `model.generate`, seconds per PPO phase, episodes/s, and MFU.
+"""PPO benchmark: sampler vs `model.generate`, seconds per PPO phase, episodes/s, MFU, outcome.
 
     python benchmarks/ppo.py [--model packaged:smollm2-135m] [--threads 0] [--steps 3]
+    python benchmarks/ppo.py --outcome [--set ppo.steps=50 ...]
 
 Prints figures and ratios (no pass/fail): sampling tok/s of `upbeat.generation.sample` against
 `model.generate` in the same process (target >= 2.5x), and the model-FLOP utilisation of a whole
 PPO step against the matmul FLOP/s measured here (target >= 50%), in fp32 and with bf16 autocast.
-Batch 32, 16 new tokens, prompts of 2-8 tokens. Times on a shared machine are noisy: the best of
-several repeats is reported for the micro-benchmarks.
+Batch 32, 16 new tokens, prompts of 2-8 tokens. Times on a shared machine are noisy: the sampler
+timings are interleaved repeats, best of each.
+
+`--outcome` runs PPO with the params.yaml `ppo` block (plus `--set` overrides) from the given model
+and reports the held-out VADER gain and KL against the targets (+0.5, <= 6 nats, <= 15 min).
 """
 
 from __future__ import annotations
