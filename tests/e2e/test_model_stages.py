@@ -112,7 +112,9 @@ def test_reward_stage_bad_label_mapping_fails_clearly(project: Path) -> None:
 
 
 def test_reward_stage_refuses_data_that_failed_validation(project: Path) -> None:
-    save_canonical(canonical(["good day to you", "bad day for me"], [4, 0]), project / "raw.parquet")
+    save_canonical(
+        canonical(["good day to you", "bad day for me"], [4, 0]), project / "raw.parquet"
+    )
     (project / "verdict.json").write_text('{"success": false, "summary": "target: 12 rows"}')
     args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
     proc = stage("reward", [*args, "--out", "spec2.json", "--metrics", "reward2.json"], project)
