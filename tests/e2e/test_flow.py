@@ -7,8 +7,8 @@ One ordered story (each step needs the state the previous one left):
 3. a stage that fails (`upbeat run --set evaluate.judge=bogus`) stops the flow with its error;
    register and promote do not run, the champion is untouched, and `dvc.lock` still describes
    the last good run;
-4. a new data drop that only adds positive tweets (SFT keeps negatives) re-runs the stages that
-   read the raw data, and nothing downstream of the unchanged SFT split;
+4. new tweets appended to the drop file in `inputs/` (positive only; SFT keeps negatives) re-run
+   the stages that read the raw data, and nothing downstream of the unchanged SFT split;
 5. while another process holds the lock, a run is refused with who holds it.
 """
 
@@ -118,13 +118,11 @@ def test_retrain_story(harness, project, env):
     assert ran == {"evaluate"}
     assert registry_state() == ("1", 1)
 
-    # 4. data-driven: a new drop adds positive tweets only; SFT data is unchanged
-    drop = project / "drops" / "tweets.csv"
-    tweets_csv(project / "drops" / "more.csv", 40, start=300, targets=(4,))
-    (project / "drops" / "tweets2.csv").write_bytes(
-        drop.read_bytes() + (project / "drops" / "more.csv").read_bytes()
-    )
-    apply_overrides(project / "params.yaml", ["ingest.sentiment140_path=drops/tweets2.csv"])
+    # 4. data-driven: new tweets land in the same file of the drop folder (no parameter changes);
+    # they are positive only, so SFT's negative split is unchanged and sft/ppo/evaluate skip.
+    drop = project / "inputs" / "tweets.csv"
+    tweets_csv(project / "more.csv", 40, start=300, targets=(4,))
+    drop.write_bytes(drop.read_bytes() + (project / "more.csv").read_bytes())
     ran = {s for s, r in rf.retrain(project=str(project)).items() if r == "ran"}
     assert ran == {"ingest", "validate", "clean", "reward"}
     assert registry_state() == ("1", 1)

@@ -20,7 +20,7 @@ VENV_BIN = Path(sys.executable).parent
 
 TINY_PARAMS = [
     "ingest.source=sentiment140",
-    "ingest.sentiment140_path=drops/tweets.csv",
+    "ingest.sentiment140_path=inputs/tweets.csv",
     "validate.min_rows=50",
     "policy.base=tiny/llama",
     "policy.num_threads=1",
@@ -90,7 +90,7 @@ def make_project(dest: Path, extra_params: list[str] = ()) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
     tiny.build_tiny_llama(dest / "tiny" / "llama")
-    tweets_csv(dest / "drops" / "tweets.csv", 300)
+    tweets_csv(dest / "inputs" / "tweets.csv", 300)  # the drop folder ingest depends on
     apply_overrides(dest / "params.yaml", [*TINY_PARAMS, *extra_params])
     git(dest, "init", "-q")
     git(dest, "add", "-A")
