@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from lockholder import lock_held_elsewhere
 
 sys.path.insert(0, str(ROOT))
 from flows import retrain as rf
@@ -91,30 +91,12 @@ def test_only_transient_failures_retry(returncode, stderr, transient):
 
 
 def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; sys.path.insert(0, sys.argv[1]);"
-            "from pathlib import Path; from flows.retrain import run_lock\n"
-            "with run_lock(Path(sys.argv[2])):\n"
-            "    print('held', flush=True); time.sleep(60)",
-            str(ROOT),
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with (
-            pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since \S+ \(pid"),
-            rf.run_lock(tmp_path, timeout=0.2),
-        ):
-            pass
-    finally:
-        holder.kill()
-        holder.wait()
+    with (
+        lock_held_elsewhere(tmp_path),
+        pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since \S+ \(pid"),
+        rf.run_lock(tmp_path, timeout=0.2),
+    ):
+        pass
     with rf.run_lock(tmp_path, timeout=5):  # the OS released it with the process
         assert (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").is_file()
     assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()

@@ -14,11 +14,11 @@ One ordered story (each step needs the state the previous one left):
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import yaml
+from lockholder import lock_held_elsewhere
 from tiny_project import ROOT, make_project, stage_env, tweets_csv
 from typer.testing import CliRunner
 
@@ -129,26 +129,10 @@ def test_retrain_story(harness, project, env):
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(harness, project, env):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; sys.path.insert(0, sys.argv[1]);"
-            "from pathlib import Path; from flows.retrain import run_lock\n"
-            "with run_lock(Path(sys.argv[2])):\n"
-            "    print('held', flush=True); time.sleep(120)",
-            str(ROOT),
-            str(project),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        lock_before = (project / "dvc.lock").read_text()
-        with pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since"):
-            rf.retrain(project=str(project))
-        assert (project / "dvc.lock").read_text() == lock_before
-    finally:
-        holder.kill()
-        holder.wait()
+    lock_before = (project / "dvc.lock").read_text()
+    with (
+        lock_held_elsewhere(project),
+        pytest.raises(rf.LockHeld, match=r"another retrain run holds the lock since"),
+    ):
+        rf.retrain(project=str(project))
+    assert (project / "dvc.lock").read_text() == lock_before
