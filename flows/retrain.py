@@ -39,7 +39,8 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-PARENT_ENV = "UPBEAT_PARENT_RUN_ID"  # the same name as upbeat.tracking.PARENT_ENV
+from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
+
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's stderr carried in the error
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|████" redraws

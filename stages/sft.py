@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
-from pathlib import Path
 
 from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
 from upbeat.models import load_policy, save_policy, set_threads
 from upbeat.sft import train
-from upbeat.tracking import log_metrics, stage_run, write_json
-
-
-def write_curve(path: str | Path, rows: list[dict[str, float]]) -> None:
-    """The per-step loss curve as CSV for `dvc plots`, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
 
 @exit_on_user_error
@@ -44,7 +30,7 @@ def main() -> None:
         model, tokenizer = load_policy(params.policy.base)
         result = train(model, tokenizer, train_texts, eval_texts, params.sft, log=log_metrics)
         save_policy(model, tokenizer, args.out)
-        write_curve(args.curve, result.curve)
+        write_csv(args.curve, result.curve)
         write_json(args.metrics, result.metrics)
         log_metrics(result.metrics)
     m = result.metrics

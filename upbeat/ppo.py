@@ -673,3 +673,39 @@ def load_checkpoint(
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return int(state["step"]), list(state["history"])
+
+
+# --- reporting: what the stage writes for DVC and checks resumes against -----------------------
+
+
+def summarise(history: list[dict[str, float]]) -> dict[str, float]:
+    """DVC metrics: the last step's values, last-10-step means, timings averaged over the run."""
+    last = {k: v for k, v in history[-1].items() if not k.startswith(("time/", "perf/"))}
+    timing = {
+        k: sum(h[k] for h in history) / len(history)
+        for k in history[-1]
+        if k.startswith(("time/", "perf/"))
+    }
+    tail = history[-10:]  # one batch is noisy: the mean of the last 10 steps is the figure to read
+    return {
+        **last,
+        **timing,
+        "objective/score_first": history[0]["objective/score"],
+        "objective/score_last10": sum(h["objective/score"] for h in tail) / len(tail),
+        "objective/kl_last10": sum(h["objective/kl"] for h in tail) / len(tail),
+        "ppo/steps": float(len(history)),
+    }
+
+
+def content_hash(*paths: str) -> str:
+    """Content hash of the inputs a checkpoint depends on (SFT weights, reward spec): a resumed
+    run must continue the same problem. Hashing ~0.5 GB takes a second or two."""
+    h = hashlib.sha256()
+    for root in map(Path, paths):
+        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if f.is_file():
+                h.update(f.name.encode())
+                with f.open("rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        h.update(chunk)
+    return h.hexdigest()[:16]

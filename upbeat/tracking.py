@@ -8,6 +8,7 @@ Metric keys are lowercase `group/name` and are the same in MLflow and in the DVC
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -103,6 +104,18 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    tmp.replace(path)
+
+
+def write_csv(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
+    """Write rows as CSV (columns from the first row), atomically: the curves `dvc plots` reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
     tmp.replace(path)
 
 
