@@ -148,8 +148,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not path.is_dir():
         raise ModelLoadError(f"policy model {str(path)!r}: not a directory")
     if not any(path.glob("*.safetensors")):
@@ -158,27 +156,15 @@ def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             "loaded; re-save the model with save_pretrained(safe_serialization=True))"
         )
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        _zero_dropout(config)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, trust_remote_code=False, use_safetensors=True
-        )
+        model, tokenizer = _from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"policy model {str(path)!r}: cannot be loaded ({exc})") from exc
     return _prepare(model, tokenizer)
 
 
 def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     try:
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
-        _zero_dropout(config)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_id, config=config, trust_remote_code=False, use_safetensors=True
-        )
+        model, tokenizer = _from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"policy model {model_id!r}: not a local directory and the Hugging Face hub is "
@@ -187,6 +173,22 @@ def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             "`packaged:smollm2-135m`, which needs no network."
         ) from exc
     return _prepare(model, tokenizer)
+
+
+def _from_pretrained(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model + tokenizer from a directory or hub id: safetensors only, no remote code, no dropout.
+
+    Raises the library's own errors; callers turn them into a ModelLoadError that fits the source.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    _zero_dropout(config)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, config=config, trust_remote_code=False, use_safetensors=True
+    )
+    return model, tokenizer
 
 
 def _zero_dropout(config: Any) -> None:
