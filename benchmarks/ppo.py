@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from upbeat.config import load_params
 from upbeat.generation import encode_prompts, sample
 from upbeat.models import load_policy, set_threads, transformer_blocks
-from upbeat.ppo import train
+from upbeat.ppo import Hydra, train
 
 BATCH, NEW_TOKENS = 32, 16
 PROMPTS = [
@@ -104,35 +104,46 @@ def main() -> None:
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f}")
 
     # 1. Sampler vs generate (same prompts, same length: EOS disabled / min_new_tokens).
+    base = load_params().ppo
     ids, mask = encode_prompts(tok, (PROMPTS * BATCH)[:BATCH])
     n_tokens = BATCH * NEW_TOKENS
 
+    # PPO's bf16 sampler: the hydra's frozen bf16 copy with the fp32 trained top blocks, autocast.
+    hydra = Hydra(copy.deepcopy(model), base.train_top_blocks, bf16=True)
+    bf16_weights = copy.deepcopy(model).to(torch.bfloat16)  # for a like-for-like `generate`
+
     def ours(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            sample(model, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0,
+        with hydra.sampler() as m, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            sample(m if bf16 else model, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0,
                    eos_token_id=None, pad_token_id=tok.pad_token_id,
                    generator=torch.Generator().manual_seed(0))  # fmt: skip
 
-    def generate() -> None:
+    def generate(m) -> None:
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, top_p=1.0,
-                           temperature=1.0)  # fmt: skip
+            m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, top_p=1.0,
+                       temperature=1.0)  # fmt: skip
 
     # Interleaved repeats, best of each: other processes share these cores.
-    best = {"generate": float("inf"), "fp32": float("inf"), "bf16": float("inf")}
+    runs = {
+        "generate fp32": lambda: generate(model),
+        "generate bf16": lambda: generate(bf16_weights),
+        "ours fp32": lambda: ours(False),
+        "ours bf16": lambda: ours(True),
+    }
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(args.repeats):
-        best["generate"] = min(best["generate"], best_time(generate, 1))
-        best["fp32"] = min(best["fp32"], best_time(lambda: ours(False), 1))
-        best["bf16"] = min(best["bf16"], best_time(lambda: ours(True), 1))
-    t_gen = best["generate"]
-    print(f"model.generate (fp32):   {n_tokens / t_gen:7.0f} tok/s")
-    for name in ("fp32", "bf16"):
+        for name, fn in runs.items():
+            best[name] = min(best[name], best_time(fn, 1))
+    t_gen = best["generate fp32"]
+    for name in runs:
         t = best[name]
-        print(f"our sampler ({name}):      {n_tokens / t:7.0f} tok/s  ratio {t_gen / t:.2f}x")
+        line = f"{name + ':':15s} {n_tokens / t:5.0f} tok/s  {t_gen / t:.2f}x generate fp32"
+        if name == "ours bf16":
+            line += f", {best['generate bf16'] / t:.2f}x generate with the same bf16 weights"
+        print(line)
 
     # 2. Whole PPO steps with the default params, fp32 then bf16 autocast.
-    base = load_params().ppo
     texts = [p + " and more words here" for p in PROMPTS] * 50
     rng = np.random.default_rng(0)
     score = lambda xs: rng.normal(size=len(xs))  # noqa: E731  (scoring is timed separately)

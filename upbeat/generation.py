@@ -10,6 +10,10 @@ position only (`logits_to_keep=1`).
 Left padding: prompts of different lengths are padded on the left so every sequence's next token
 sits in the last column. Position ids are `cumsum(attention_mask) - 1`, so a padded prompt sees
 the same positions (hence the same logits) as the unpadded one.
+
+Drawing the token: inverse-CDF sampling (one uniform per row, located in the cumulative
+probabilities) is exact and costs one cumsum; `torch.multinomial` draws an exponential variate
+for every vocabulary entry (B x 49k per step), measured here as a third of the sampler's time.
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ def sample(
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1, :].float() / temperature  # (B, V) same scaling as training
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if temperature != 1.0:  # same scaling as training; skipped when it is a no-op
+            logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V) full distribution, no truncation
-        token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)  # (B,)
+        token = draw(logprobs, generator)  # (B,)
         alive = ~done
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
         tokens.append(token)
@@ -85,6 +91,16 @@ def sample(
         logprobs=torch.stack(logps, dim=1),
         response_mask=torch.stack(masks, dim=1),
     )
+
+
+def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logprobs` (B, V), distributed as softmax(logprobs), by inverse CDF:
+    the first index whose cumulative probability exceeds u ~ U(0, total). A zero-probability
+    token has the same cumulative value as its predecessor, so it is never chosen."""
+    cdf = logprobs.double().exp().cumsum(dim=-1)  # (B, V) float64: no drift over 49k terms
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
+    return token.clamp(max=cdf.shape[1] - 1)  # u == total (rounding) stays in range
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

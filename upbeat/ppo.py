@@ -203,7 +203,7 @@ class Hydra(nn.Module):
     reference log-probs, each PPO minibatch) runs only the top blocks on it.
     """
 
-    def __init__(self, model: Any, n_top: int) -> None:
+    def __init__(self, model: Any, n_top: int, bf16: bool = False) -> None:
         super().__init__()
         self.model = model
         self.n_top = n_top
@@ -221,6 +221,32 @@ class Hydra(nn.Module):
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        # bf16: a frozen bf16 copy of what never trains (embeddings, trunk blocks, LM head).
+        # Decoding streams every weight once per token, so half the bytes is ~1.5x the sampling
+        # speed; under autocast the fp32 originals would be cast again on every call (autocast
+        # only caches casts of trainable weights). The fp32 model is the one trained and saved.
+        self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 else None
+
+    @contextmanager
+    def sampler(self) -> Iterator[Any]:
+        """The model to sample from: the policy itself, or in bf16 mode the frozen bf16 copy with
+        the live (trained, fp32) top blocks and final norm swapped in for the duration."""
+        if self.frozen_bf16 is None:
+            yield self.model
+            return
+        fast_blocks = transformer_blocks(self.frozen_bf16)
+        live_blocks = transformer_blocks(self.model)
+        owner, name = _norm_slot(self.frozen_bf16)
+        saved_blocks, saved_norm = list(fast_blocks), getattr(owner, name)
+        for i in range(self.split, len(live_blocks)):
+            fast_blocks[i] = live_blocks[i]
+        setattr(owner, name, final_norm(self.model))
+        try:
+            yield self.frozen_bf16
+        finally:
+            for i, block in enumerate(saved_blocks):
+                fast_blocks[i] = block
+            setattr(owner, name, saved_norm)
 
     @contextmanager
     def capture_trunk(self) -> Iterator[list[torch.Tensor]]:
@@ -277,11 +303,14 @@ class Hydra(nn.Module):
         response_ids: torch.Tensor,
         temperature: float,
         reference: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs of `response_ids`, values and entropies at the R positions predicting them.
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of `response_ids`, values and (if asked) entropies at the R positions
+        predicting them.
 
         input_ids: (B, Tq+R−1) = prompt + response[:-1]; trunk: (B, Tq+R−1, H) cached trunk output.
-        Returns (logprobs, values, entropy), each (B, R); the LM head runs on those positions only.
+        Returns (logprobs, values, entropy or None), each (B, R); the LM head runs on those
+        positions only.
         """
         n_resp = response_ids.shape[1]
         with self._on_trunk(trunk, reference):
@@ -291,14 +320,33 @@ class Hydra(nn.Module):
                 position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state  # (B, Tq+R−1, H), after the final norm
-        hidden = hidden[:, -n_resp:]  # (B, R, H)
-        logits = self.model.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
-        all_logprobs = torch.log_softmax(logits, dim=-1)  # (B, R, V)
-        logprobs = all_logprobs.gather(-1, response_ids[..., None]).squeeze(-1)  # (B, R)
-        detached = all_logprobs.detach()  # entropy is logged, not optimised: no graph for it
-        entropy = -(detached.exp() * detached).sum(-1)  # (B, R)
-        values = self.value_head(hidden).squeeze(-1).float()  # (B, R)
-        return logprobs, values, entropy
+        batch, width = response_ids.shape
+        # One (B·R, H) x (H, V) matmul: a strided 3-D slice would run as a batched matmul with the
+        # 49k x 576 head broadcast per row, measured 2.3x slower.
+        hidden = hidden[:, -n_resp:].reshape(batch * width, -1)  # (B·R, H)
+        # The LM head is frozen, so its bf16 copy computes what autocast would, minus the cast.
+        owner = self.model if self.frozen_bf16 is None else self.frozen_bf16
+        logits = owner.get_output_embeddings()(hidden).float()  # (B·R, V)
+        if temperature != 1.0:  # same scaling as sampling; skipped when it is a no-op
+            logits = logits / temperature
+        all_logprobs = torch.log_softmax(logits, dim=-1)  # (B·R, V)
+        logprobs = all_logprobs.gather(-1, response_ids.reshape(-1, 1)).view(batch, width)
+        values = self.value_head(hidden).float().view(batch, width)  # (B, R)
+        ent = None
+        if entropy:  # logged, not optimised: no graph for it
+            detached = all_logprobs.detach()
+            ent = -(detached.exp() * detached).sum(-1).view(batch, width)  # (B, R)
+        return logprobs, values, ent
+
+
+def _frozen_bf16_copy(model: Any) -> Any:
+    """A copy of `model` with every parameter in bf16 and frozen. Buffers keep their dtype: rotary
+    `inv_freq` rounded to bf16 would shift every position's angle."""
+    fast = copy.deepcopy(model)
+    for p in fast.parameters():
+        p.requires_grad_(False)
+        p.data = p.data.to(torch.bfloat16)
+    return fast
 
 
 def _norm_slot(model: Any) -> tuple[nn.Module, str]:
@@ -385,7 +433,7 @@ def train(
     # 0. Setup. Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader
     #    also zeroes dropout probabilities).
     model.eval()
-    hydra = Hydra(model, cfg.train_top_blocks)
+    hydra = Hydra(model, cfg.train_top_blocks, bf16=cfg.bf16)
     params = [*hydra.trainable, *hydra.value_head.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)  # CleanRL's eps
     kl_ctl: FixedKLController | AdaptiveKLController = (
@@ -413,9 +461,8 @@ def train(
     eos = tokenizer.eos_token_id
 
     def autocast() -> torch.autocast:
-        # bf16 matmuls (AMX on this CPU) for every forward, sampling included, so the sampled
-        # distribution and the trained one are the same function; weights, optimizer state and
-        # log-softmax stay fp32.
+        # bf16 matmuls (AMX on this CPU) for every forward, sampling included; trained weights,
+        # optimizer state and log-softmax stay fp32.
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
     for step in range(start, cfg.steps):
@@ -428,9 +475,9 @@ def train(
 
         # 2. Rollout: KV-cache sampling from softmax(logits / T); the trunk's output is captured
         #    on the way, so no later forward recomputes it.
-        with hydra.capture_trunk() as captured, autocast():
+        with hydra.sampler() as sampler, hydra.capture_trunk() as captured, autocast():
             s = sample(
-                model,
+                sampler,
                 query_ids,
                 query_mask,
                 max_new_tokens=cfg.max_new_tokens,
@@ -508,6 +555,7 @@ def train(
                         trunk[mb],
                         response_ids[mb],
                         cfg.temperature,
+                        entropy=True,
                     )
                 pg_loss, clipfrac, approx_kl, mean_ratio = policy_loss(
                     mb_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange

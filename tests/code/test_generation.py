@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upbeat.generation import encode_prompts, sample, sample_continuations
+from upbeat.generation import draw, encode_prompts, sample, sample_continuations
 from upbeat.models import load_policy, position_ids_from_mask
 
 PROMPTS = ["i love", "this is the worst day ever, i", "so"]  # different lengths: left padding
@@ -83,3 +83,17 @@ def test_sample_continuations_are_reproducible_and_seeded(tiny_llama):
     assert a == b and len(a) == len(PROMPTS)
     assert a != c
     assert all(isinstance(t, str) for t in a)
+
+
+def test_draw_follows_the_softmax_distribution():
+    # Inverse-CDF sampling replaced torch.multinomial: its frequencies must match softmax(logits),
+    # including a token of probability 0 (never drawn) and one at the very end of the vocabulary.
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.05, 0.25])
+    logprobs = torch.log(probs).expand(20_000, -1)  # 20k independent rows of the same distribution
+    tokens = draw(logprobs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=len(probs)).double() / len(tokens)
+    assert freq[1] == 0
+    stderr = (probs * (1 - probs) / len(tokens)).sqrt().double()
+    assert ((freq - probs.double()).abs() <= 4 * stderr + 1e-12).all(), freq
+    again = draw(logprobs, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)  # seeded: reproducible
