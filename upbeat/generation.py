@@ -2,18 +2,21 @@
 
 Why our own loop instead of `model.generate`: PPO needs the log-probs of the sampled tokens under
 *exactly* the distribution they were drawn from (logits / temperature, full softmax, no top-k/top-p
-truncation), and on a 2-core CPU `generate`'s per-step machinery (logits processors, stopping
-criteria, cache bookkeeping, full-vocab scores) costs more than the small model's matmuls. The loop
-below is one forward per new token over a `DynamicCache`, with the head applied to the last
-position only (`logits_to_keep=1`).
+truncation), and the hydra needs the trunk's output of every position, captured on the way. Speed
+(benchmarks/ppo.py, SmolLM2, batch 32 x 16 tokens, 2 cores) decided the rest:
+
+- Drawing the token: inverse-CDF sampling (one uniform per row, located in the cumulative
+  probabilities) is exact and costs one cumsum; `torch.multinomial` draws an exponential variate
+  for every vocabulary entry (B x 49k per step), measured as a third of the sampler's time.
+- The model's own forward over a `DynamicCache`, LM head on the last position only
+  (`logits_to_keep=1`). At batch 32 a decode step streams every weight from memory for 32 tokens:
+  the matmuls are bandwidth-bound (~30 ms per step in bf16, twice that in fp32), which is why bf16
+  weights pay and why a hand-written Llama decode loop (fused q/k/v and gate/up, preallocated
+  cache) was measured no faster and not kept.
 
 Left padding: prompts of different lengths are padded on the left so every sequence's next token
 sits in the last column. Position ids are `cumsum(attention_mask) - 1`, so a padded prompt sees
 the same positions (hence the same logits) as the unpadded one.
-
-Drawing the token: inverse-CDF sampling (one uniform per row, located in the cumulative
-probabilities) is exact and costs one cumsum; `torch.multinomial` draws an exponential variate
-for every vocabulary entry (B x 49k per step), measured here as a third of the sampler's time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from upbeat.models import position_ids_from_mask
+from upbeat.models import position_ids_from_mask, transformer_blocks
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Sample:
     """(B, R) log-prob of each sampled token under the sampling distribution; 0 where masked."""
     response_mask: torch.Tensor
     """(B, R) 1 for real response tokens (up to and including EOS), 0 for the padding after EOS."""
+    trunk: torch.Tensor | None = None
+    """(B, T+R−1, H) input of block `capture_block` at every position fed to the model (the prompt
+    and every sampled token but the last), when asked for."""
 
 
 @torch.no_grad()
@@ -49,27 +55,22 @@ def sample(
     eos_token_id: int | None,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    capture_block: int | None = None,
 ) -> Sample:
-    """Sample up to `max_new_tokens` per left-padded prompt from softmax(logits / temperature)."""
-    from transformers import DynamicCache
+    """Sample up to `max_new_tokens` per left-padded prompt from softmax(logits / temperature).
 
+    `capture_block`: also return the input of that transformer block at every position (the
+    hydra's trunk), recorded by a forward pre-hook while decoding.
+    """
     batch = input_ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    attn = attention_mask.long()  # (B, T) grows by one column per step
-    positions = position_ids_from_mask(attn)  # (B, T)
+    decoder = ModelDecoder(model, capture_block)
+    new_mask = attention_mask.bool()  # (B, T) the prompt, then one column per step
+    positions = position_ids_from_mask(attention_mask)  # (B, T)
     step_ids = input_ids  # the first step feeds the whole prompt, later steps one token
     done = torch.zeros(batch, dtype=torch.bool)
     tokens, logps, masks = [], [], []
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attn,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()  # (B, V)
+        logits = decoder.step(step_ids, positions, new_mask).float()  # (B, V)
         if temperature != 1.0:  # same scaling as training; skipped when it is a no-op
             logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V) full distribution, no truncation
@@ -84,20 +85,61 @@ def sample(
         if bool(done.all()):
             break
         step_ids = token[:, None]  # (B, 1)
-        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
+        new_mask = torch.ones(batch, 1, dtype=torch.bool)
         positions = positions[:, -1:] + 1  # (B, 1)
     return Sample(
         response_ids=torch.stack(tokens, dim=1),
         logprobs=torch.stack(logps, dim=1),
         response_mask=torch.stack(masks, dim=1),
+        trunk=torch.cat(decoder.captured, dim=1) if capture_block is not None else None,
     )
+
+
+class ModelDecoder:
+    """Any causal LM: its own forward over a `DynamicCache`; the trunk comes from a pre-hook."""
+
+    def __init__(self, model: Any, capture_block: int | None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.attn: torch.Tensor | None = None  # (B, L) every key so far, real or padding
+        self.captured: list[torch.Tensor] = []
+        self.capture_block = capture_block
+
+    def step(
+        self, ids: torch.Tensor, positions: torch.Tensor, new_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Feed `ids` (B, T) at `positions`; return the next-token logits (B, V)."""
+        new = new_mask.long()
+        self.attn = new if self.attn is None else torch.cat([self.attn, new], dim=1)
+        handle = None
+        if self.capture_block is not None:
+            block = transformer_blocks(self.model)[self.capture_block]
+            handle = block.register_forward_pre_hook(self._capture, with_kwargs=True)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.attn,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out.logits[:, -1, :]
+
+    def _capture(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.captured.append(args[0] if args else kwargs["hidden_states"])
 
 
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logprobs` (B, V), distributed as softmax(logprobs), by inverse CDF:
     the first index whose cumulative probability exceeds u ~ U(0, total). A zero-probability
     token has the same cumulative value as its predecessor, so it is never chosen."""
-    cdf = logprobs.double().exp().cumsum(dim=-1)  # (B, V) float64: no drift over 49k terms
+    cdf = logprobs.exp().double().cumsum(dim=-1)  # (B, V) summed in float64: no drift over 49k
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
     return token.clamp(max=cdf.shape[1] - 1)  # u == total (rounding) stays in range

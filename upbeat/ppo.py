@@ -199,8 +199,8 @@ class Hydra(nn.Module):
     the reference = frozen copies of those top modules on the same trunk (trlx's hydra).
 
     The trunk (embeddings + lower blocks) is frozen, so its output is the same for policy and
-    reference: it is captured once, while sampling, and every later forward (old log-probs, values,
-    reference log-probs, each PPO minibatch) runs only the top blocks on it.
+    reference: the sampler captures it once (`capture_block=split`), and every later forward (old
+    log-probs, values, reference log-probs, each PPO minibatch) runs only the top blocks on it.
     """
 
     def __init__(self, model: Any, n_top: int, bf16: bool = False) -> None:
@@ -247,23 +247,6 @@ class Hydra(nn.Module):
             for i, block in enumerate(saved_blocks):
                 fast_blocks[i] = block
             setattr(owner, name, saved_norm)
-
-    @contextmanager
-    def capture_trunk(self) -> Iterator[list[torch.Tensor]]:
-        """Record the input of the first trained block on every forward (the trunk's output)."""
-        captured: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(hidden.detach())
-
-        handle = transformer_blocks(self.model)[self.split].register_forward_pre_hook(
-            hook, with_kwargs=True
-        )
-        try:
-            yield captured
-        finally:
-            handle.remove()
 
     @contextmanager
     def _on_trunk(self, trunk: torch.Tensor, reference: bool) -> Iterator[None]:
@@ -475,7 +458,7 @@ def train(
 
         # 2. Rollout: KV-cache sampling from softmax(logits / T); the trunk's output is captured
         #    on the way, so no later forward recomputes it.
-        with hydra.sampler() as sampler, hydra.capture_trunk() as captured, autocast():
+        with hydra.sampler() as sampler, autocast():
             s = sample(
                 sampler,
                 query_ids,
@@ -485,11 +468,11 @@ def train(
                 eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
                 generator=gen,
+                capture_block=hydra.split,
             )
         response_ids, response_mask = s.response_ids, s.response_mask.float()  # (B, R)
-        n_resp = response_ids.shape[1]
         # The last sampled token is never fed back, so the trunk saw Tq + R − 1 positions.
-        trunk = torch.cat(captured, dim=1)[:, : query_ids.shape[1] + n_resp - 1]  # (B, Tq+R−1, H)
+        trunk = s.trunk  # (B, Tq+R−1, H)
         input_ids = torch.cat([query_ids, response_ids[:, :-1]], dim=1)  # (B, Tq+R−1)
         attention_mask = torch.cat(  # what sampling attended to: prompt mask, then all ones
             [query_mask, torch.ones_like(response_ids[:, :-1])], dim=1

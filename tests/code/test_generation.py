@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from upbeat.generation import draw, encode_prompts, sample, sample_continuations
-from upbeat.models import load_policy, position_ids_from_mask
+from upbeat.models import load_policy, position_ids_from_mask, transformer_blocks
 
 PROMPTS = ["i love", "this is the worst day ever, i", "so"]  # different lengths: left padding
 
@@ -97,3 +97,28 @@ def test_draw_follows_the_softmax_distribution():
     assert ((freq - probs.double()).abs() <= 4 * stderr + 1e-12).all(), freq
     again = draw(logprobs, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)  # seeded: reproducible
+
+
+def test_trunk_capture_is_the_input_of_the_block(policy):
+    # The hydra trains on the captured trunk: it must be exactly what a full forward feeds the
+    # block, at every real position of prompt + response[:-1].
+    model, tok = policy
+    ids, mask, s = _sample(model, tok, n=6)
+    s2 = sample(
+        model, ids, mask, max_new_tokens=6, temperature=0.7, eos_token_id=None,
+        pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), capture_block=1,
+    )  # fmt: skip
+    assert torch.equal(s2.response_ids, s.response_ids)  # capturing changes nothing
+    full_ids = torch.cat([ids, s.response_ids[:, :-1]], 1)
+    full_mask = torch.cat([mask, torch.ones_like(s.response_ids[:, :-1])], 1)
+    seen = []
+    hook = transformer_blocks(model)[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(input_ids=full_ids, attention_mask=full_mask,
+              position_ids=position_ids_from_mask(full_mask))  # fmt: skip
+    hook.remove()
+    real = full_mask.bool()
+    assert s2.trunk.shape == (*full_ids.shape, model.config.hidden_size)
+    torch.testing.assert_close(s2.trunk[real], seen[0][real], atol=1e-4, rtol=1e-4)
