@@ -7,7 +7,9 @@ Prints figures and ratios (no pass/fail): sampling tok/s of `upbeat.generation.s
 `model.generate` in the same process (target >= 2.5x), and the model-FLOP utilisation of a whole
 PPO step against the matmul FLOP/s measured here (target >= 50%), in fp32 and with bf16 autocast.
 Batch 32, 16 new tokens, prompts of 2-8 tokens. Times on a shared machine are noisy: the sampler
-timings are interleaved repeats, best of each.
+timings are interleaved repeats, best of each. Decoding 32 tokens per step is bound by streaming
+the weights from memory, so the memory read bandwidth is measured too and the sampler's time is
+printed against that floor.
 
 `--outcome` runs PPO with the params.yaml `ppo` block (plus `--set` overrides) from the given model
 and reports the held-out VADER gain and KL against the targets (+0.5, <= 6 nats, <= 15 min).
@@ -37,6 +39,13 @@ PROMPTS = [
     "i hate my", "so today the weather is", "why does everyone", "ugh", "my mom said that i",
     "can't believe the", "work was", "missing you so",
 ]  # fmt: skip
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Best-of bytes/s of summing a 512 MB tensor: the rate at which weights stream from memory."""
+    a = torch.ones(n_bytes // 4)
+    a.sum()
+    return n_bytes / min(best_time(a.sum) for _ in range(repeats))
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -102,6 +111,8 @@ def main() -> None:
 
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f}")
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
     # 1. Sampler vs generate (same prompts, same length: EOS disabled / min_new_tokens).
     base = load_params().ppo
@@ -142,6 +153,12 @@ def main() -> None:
         if name == "ours bf16":
             line += f", {best['generate bf16'] / t:.2f}x generate with the same bf16 weights"
         print(line)
+    # Each decode step reads every weight once, for only 32 tokens: a floor no sampler beats.
+    n_params = sum(p.numel() for p in model.parameters())
+    for name, width in (("fp32", 4), ("bf16", 2)):
+        floor = NEW_TOKENS * n_params * width / bandwidth
+        print(f"weight-streaming floor, {name}: {floor:.2f} s = {n_tokens / floor:.0f} tok/s "
+              f"(ours reaches {100 * floor / best['ours ' + name]:.0f}% of it)")  # fmt: skip
 
     # 2. Whole PPO steps with the default params, fp32 then bf16 autocast.
     texts = [p + " and more words here" for p in PROMPTS] * 50
