@@ -119,15 +119,14 @@ def main() -> None:
     ids, mask = encode_prompts(tok, (PROMPTS * BATCH)[:BATCH])
     n_tokens = BATCH * NEW_TOKENS
 
-    # PPO's bf16 sampler: the hydra's frozen bf16 copy with the fp32 trained top blocks, autocast.
-    hydra = Hydra(copy.deepcopy(model), base.train_top_blocks, bf16=True)
+    # PPO's bf16 sampler: the hydra's bf16 copy of the policy.
+    bf16_policy = Hydra(copy.deepcopy(model), base.train_top_blocks, bf16=True).sampling_model()
     bf16_weights = copy.deepcopy(model).to(torch.bfloat16)  # for a like-for-like `generate`
 
     def ours(bf16: bool) -> None:
-        with hydra.sampler() as m, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            sample(m if bf16 else model, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0,
-                   eos_token_id=None, pad_token_id=tok.pad_token_id,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+        sample(bf16_policy if bf16 else model, ids, mask, max_new_tokens=NEW_TOKENS,
+               temperature=1.0, eos_token_id=None, pad_token_id=tok.pad_token_id,
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
 
     def generate(m) -> None:
         with torch.no_grad():

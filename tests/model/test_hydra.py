@@ -15,15 +15,12 @@ PROMPTS = ["i love", "this is the worst day ever, i", "so"]
 def _rollout(hydra: Hydra, tok, bf16: bool, seed: int = 0):
     """Sample like the PPO loop does, then recompute the log-probs with the training forward."""
     ids, mask = encode_prompts(tok, PROMPTS)
-    with (
-        hydra.sampler() as sampler,
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-    ):
-        s = sample(
-            sampler, ids, mask, max_new_tokens=6, temperature=0.8, eos_token_id=None,
-            pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(seed),
-            capture_block=hydra.split,
-        )  # fmt: skip
+    s = sample(
+        hydra.sampling_model(), ids, mask, max_new_tokens=6, temperature=0.8, eos_token_id=None,
+        pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(seed),
+        capture_block=hydra.split,
+    )  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         input_ids = torch.cat([ids, s.response_ids[:, :-1]], dim=1)
         attention_mask = torch.cat([mask, torch.ones_like(s.response_ids[:, :-1])], dim=1)
         with torch.no_grad():
