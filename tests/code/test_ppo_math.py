@@ -10,6 +10,7 @@ import torch
 from upbeat.ppo import (
     AdaptiveKLController,
     FixedKLController,
+    categorical_entropy,
     explained_variance,
     gae,
     kl_rewards,
@@ -118,3 +119,14 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.zeros(1, 4) + 2.5, returns, mask) == pytest.approx(0.0)
+
+
+def test_entropy_in_chunks_matches_hand_values():
+    uniform = torch.full((3, 8), -math.log(8.0))  # log-probs of the uniform distribution over 8
+    peaked = torch.log(torch.tensor([[1 - 3e-6, 1e-6, 1e-6, 1e-6]]))
+    expected = torch.full((3,), math.log(8.0))
+    torch.testing.assert_close(categorical_entropy(uniform, rows=2), expected)  # 2 chunks
+    assert categorical_entropy(peaked).item() < 1e-4
+    p = torch.tensor([0.5, 0.25, 0.25])  # H = 0.5 ln 2 + 2 · 0.25 ln 4 = 1.5 ln 2
+    expected = torch.tensor([1.5 * math.log(2)])
+    torch.testing.assert_close(categorical_entropy(p.log()[None]), expected)
