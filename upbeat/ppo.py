@@ -232,18 +232,11 @@ class Hydra(nn.Module):
         # weights would be cast again on every call (autocast only caches casts of trainable
         # weights). The fp32 model is the one trained and saved.
         self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 else None
-        self._fast_trainable = (
-            []
-            if self.frozen_bf16 is None
-            else [
-                *(
-                    p
-                    for b in transformer_blocks(self.frozen_bf16)[self.split :]
-                    for p in b.parameters()
-                ),
-                *final_norm(self.frozen_bf16).parameters(),
-            ]
-        )
+        # (copy, original) for each trained weight, paired by name: refreshed before each rollout.
+        fast = {} if self.frozen_bf16 is None else dict(self.frozen_bf16.named_parameters())
+        self._bf16_pairs = [
+            (fast[n], p) for n, p in model.named_parameters() if n in fast and p.requires_grad
+        ]
 
     def sampling_model(self) -> Any:
         """The model to sample from: the policy itself, or in bf16 mode the bf16 copy with the
@@ -253,7 +246,7 @@ class Hydra(nn.Module):
         if self.frozen_bf16 is None:
             return self.model
         with torch.no_grad():
-            for fast, live in zip(self._fast_trainable, self.trainable, strict=True):
+            for fast, live in self._bf16_pairs:
                 fast.copy_(live)
         return self.frozen_bf16
 
