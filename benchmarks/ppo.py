@@ -7,9 +7,9 @@ Prints figures and ratios (no pass/fail): sampling tok/s of `upbeat.generation.s
 `model.generate` in the same process (target >= 2.5x), and the model-FLOP utilisation of a whole
 PPO step against the matmul FLOP/s measured here (target >= 50%), in fp32 and with bf16 autocast.
 Batch 32, 16 new tokens, prompts of 2-8 tokens. Times on a shared machine are noisy: the sampler
-timings are interleaved repeats, best of each. Decoding 32 tokens per step is bound by streaming
-the weights from memory, so the memory read bandwidth is measured too and the sampler's time is
-printed against that floor.
+timings are interleaved repeats, best of each. Each decode step reads every weight for only 32
+tokens, so the memory read bandwidth is measured too and the sampler's time is printed against
+that weight-streaming floor (measured here: the sampler is far above it, not bandwidth-bound).
 
 `--outcome` runs PPO with the params.yaml `ppo` block (plus `--set` overrides) from the given model
 and reports the held-out VADER gain and KL against the targets (+0.5, <= 6 nats, <= 15 min).

@@ -12,8 +12,9 @@ truncation), and the hydra needs the trunk's output of every position, captured 
   step at batch 32 is ~30 ms of matmuls (bf16, ~40% of the AMX peak at 32 rows) plus ~1,300 small
   ops of per-op overhead. bf16 weights halve the matmul time; a hand-written Llama decode loop
   (fused q/k/v and gate/up, preallocated cache) was measured no faster and not kept;
-  `torch.compile` of the decode step was 15% faster but costs ~50 s of compilation per process
-  and per prompt width, about what it saves over a PPO run, so it is not used either.
+  `torch.compile` of the decode step with a static cache was ~17% faster but costs 26–32 s of
+  compilation per cache length on a fresh machine (7 s from a warm inductor cache) against
+  ~0.2 s saved per PPO step, so it is not used either.
 
 Left padding: prompts of different lengths are padded on the left so every sequence's next token
 sits in the last column. Position ids are `cumsum(attention_mask) - 1`, so a padded prompt sees
@@ -66,9 +67,8 @@ def sample(
     faster); the outputs are stacked outside it, so they are ordinary tensors that training may
     use in autograd.
     """
-    with torch.inference_mode():
+    with torch.inference_mode(), ModelDecoder(model, capture_block) as decoder:
         batch = input_ids.shape[0]
-        decoder = ModelDecoder(model, capture_block)
         new_mask = attention_mask.bool()  # (B, T) the prompt, then one column per step
         positions = position_ids_from_mask(attention_mask)  # (B, T)
         step_ids = input_ids  # the first step feeds the whole prompt, later steps one token
@@ -101,7 +101,8 @@ def sample(
 
 
 class ModelDecoder:
-    """Any causal LM: its own forward over a `DynamicCache`; the trunk comes from a pre-hook."""
+    """Any causal LM: its own forward over a `DynamicCache`. As a context manager it records the
+    input of block `capture_block` on every forward (a pre-hook, removed on exit)."""
 
     def __init__(self, model: Any, capture_block: int | None) -> None:
         from transformers import DynamicCache
@@ -111,6 +112,17 @@ class ModelDecoder:
         self.attn: torch.Tensor | None = None  # (B, L) every key so far, real or padding
         self.captured: list[torch.Tensor] = []
         self.capture_block = capture_block
+        self._hook: Any = None
+
+    def __enter__(self) -> ModelDecoder:
+        if self.capture_block is not None:
+            block = transformer_blocks(self.model)[self.capture_block]
+            self._hook = block.register_forward_pre_hook(self._capture, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.remove()
 
     def step(
         self, ids: torch.Tensor, positions: torch.Tensor, new_mask: torch.Tensor
@@ -118,26 +130,18 @@ class ModelDecoder:
         """Feed `ids` (B, T) at `positions`; return the next-token logits (B, V)."""
         new = new_mask.long()
         self.attn = new if self.attn is None else torch.cat([self.attn, new], dim=1)
-        handle = None
-        if self.capture_block is not None:
-            block = transformer_blocks(self.model)[self.capture_block]
-            handle = block.register_forward_pre_hook(self._capture, with_kwargs=True)
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self.attn,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                # The last position, picked by an index tensor: `logits_to_keep=1` slices a
-                # strided (B, 1, H) view, and a linear layer with a frozen weight on a strided 3-D
-                # input runs as a batched matmul over B copies of the 49k x 576 head (measured:
-                # 2.4 s instead of 4 ms in bf16, 85 ms instead of 11 ms in fp32, per prefill).
-                logits_to_keep=torch.tensor([ids.shape[1] - 1]),
-            )
-        finally:
-            if handle is not None:
-                handle.remove()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.attn,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            # The last position, picked by an index tensor: `logits_to_keep=1` slices a strided
+            # (B, 1, H) view, and a linear layer with a frozen weight on a strided 3-D input runs
+            # as a batched matmul over B copies of the 49k x 576 head (measured: 2.4 s instead of
+            # 4 ms in bf16, 85 ms instead of 11 ms in fp32, per prefill).
+            logits_to_keep=torch.tensor([ids.shape[1] - 1]),
+        )
         return out.logits[:, -1, :]
 
     def _capture(self, module: Any, args: tuple, kwargs: dict) -> None:

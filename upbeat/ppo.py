@@ -445,8 +445,8 @@ def train(
     eos = tokenizer.eos_token_id
 
     def autocast() -> torch.autocast:
-        # bf16 matmuls (AMX on this CPU) for every forward, sampling included; trained weights,
-        # optimizer state and log-softmax stay fp32.
+        # bf16 matmuls (AMX on this CPU) for the reference and training forwards (sampling uses
+        # the hydra's bf16 copy); trained weights, optimizer state and log-softmax stay fp32.
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
     for step in range(start, cfg.steps):
