@@ -74,10 +74,81 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     return out * mask
 
 
-def categorical_entropy(logprobs: torch.Tensor, rows: int = 32) -> torch.Tensor:
-    """−Σ p·log p per row of (N, V) log-probs, 32 rows at a time: the temporaries stay in cache
-    (measured 3.4x faster than one pass over 1,024 x 49k)."""
-    return torch.cat([-(x.exp() * x).sum(-1) for x in logprobs.split(rows)])
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(head(h) / T)[token] per row, and optionally the entropy, without ever holding
+    the (N, V) log-softmax in fp32: the logits stay in the head's dtype and every fp32 pass over
+    them (log-sum-exp forward; softmax − one-hot backward) runs `rows` rows at a time, in cache.
+
+    The plain `log_softmax(logits.float()).gather(...)` writes and re-reads several N x 49k fp32
+    tensors per call (cast, log-softmax, the gather's zero-filled gradient, its backward). On
+    SmolLM2 (352 rows, bf16 head, forward + backward) it took 171 ms against 99 ms for this and
+    75 ms for the two matmuls alone; a bf16 PPO step's train phase went from 1.74 s to 1.26 s.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # (N, H)
+        weight: torch.Tensor,  # (V, H)
+        bias: torch.Tensor | None,  # (V,)
+        tokens: torch.Tensor,  # (N,)
+        temperature: float,
+        with_entropy: bool,
+        rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = hidden.to(weight.dtype) @ weight.T  # (N, V) in the head's dtype (bf16 copy: bf16)
+        if bias is not None:
+            logits = logits + bias
+        n = logits.shape[0]
+        lse = torch.empty(n)  # (N,) fp32 log-sum-exp of logits / T
+        entropy = torch.zeros(n)
+        for i in range(0, n, rows):
+            z = logits[i : i + rows].float() / temperature  # (rows, V) fp32, in cache
+            lse[i : i + rows] = torch.logsumexp(z, dim=-1)
+            if with_entropy:  # H = lse − Σ p·z, with p = exp(z − lse)
+                p = (z - lse[i : i + rows, None]).exp_()
+                entropy[i : i + rows] = lse[i : i + rows] - (p * z).sum(-1)
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1).float() / temperature  # (N,)
+        ctx.save_for_backward(hidden, weight, tokens, logits, lse)
+        ctx.temperature, ctx.rows, ctx.has_bias = temperature, rows, bias is not None
+        ctx.mark_non_differentiable(entropy)  # logged, never optimised
+        return chosen - lse, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_entropy: Any) -> tuple:  # type: ignore[override]
+        hidden, weight, tokens, logits, lse = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        grad_logits = torch.empty_like(logits)  # (N, V) d loss / d logits, in the head's dtype
+        for i in range(0, logits.shape[0], rows):
+            g = grad[i : i + rows, None].float() / t  # (rows, 1)
+            p = (logits[i : i + rows].float() / t - lse[i : i + rows, None]).exp_()  # softmax
+            d = p.mul_(-g)  # d logprob[token] / d z = one-hot − softmax
+            d.scatter_add_(1, tokens[i : i + rows, None], g)
+            grad_logits[i : i + rows] = d
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.T @ hidden.to(grad_logits.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.float().sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+    rows: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-prob of `tokens` under softmax(head(hidden) / T), entropy of that softmax or None),
+    each (N,), for hidden (N, H) and tokens (N,). Differentiable in `hidden` and the head."""
+    logprobs, entropy = _TokenLogProbs.apply(
+        hidden, head.weight, head.bias, tokens, temperature, with_entropy, rows
+    )
+    return logprobs, entropy if with_entropy else None
 
 
 class FixedKLController:
@@ -311,16 +382,13 @@ class Hydra(nn.Module):
         hidden = hidden[:, -n_resp:].reshape(batch * width, -1)  # (B·R, H)
         # The LM head is frozen, so its bf16 copy computes what autocast would, minus the cast.
         owner = self.model if self.frozen_bf16 is None else self.frozen_bf16
-        logits = owner.get_output_embeddings()(hidden).float()  # (B·R, V)
-        if temperature != 1.0:  # same scaling as sampling; skipped when it is a no-op
-            logits = logits / temperature
-        all_logprobs = torch.log_softmax(logits, dim=-1)  # (B·R, V)
-        logprobs = all_logprobs.gather(-1, response_ids.reshape(-1, 1)).view(batch, width)
+        logprobs, ent = token_logprobs(
+            hidden, owner.get_output_embeddings(), response_ids.reshape(-1), temperature, entropy
+        )
         values = self.value_head(hidden).float().view(batch, width)  # (B, R)
-        ent = None
-        if entropy:  # logged, not optimised: no graph for it
-            ent = categorical_entropy(all_logprobs.detach()).view(batch, width)  # (B, R)
-        return logprobs, values, ent
+        if ent is not None:
+            ent = ent.view(batch, width)
+        return logprobs.view(batch, width), values, ent
 
 
 def _frozen_bf16_copy(model: Any) -> Any:
@@ -446,7 +514,7 @@ def train(
 
     def autocast() -> torch.autocast:
         # bf16 matmuls (AMX on this CPU) for the reference and training forwards (sampling uses
-        # the hydra's bf16 copy); trained weights, optimizer state and log-softmax stay fp32.
+        # the hydra's bf16 copy); trained weights, optimizer state and log-sum-exp stay fp32.
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
     for step in range(start, cfg.steps):

@@ -10,12 +10,12 @@ import torch
 from upbeat.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    categorical_entropy,
     explained_variance,
     gae,
     kl_rewards,
     masked_mean,
     policy_loss,
+    token_logprobs,
     value_loss,
     whiten,
 )
@@ -121,12 +121,57 @@ def test_explained_variance():
     assert explained_variance(torch.zeros(1, 4) + 2.5, returns, mask) == pytest.approx(0.0)
 
 
-def test_entropy_in_chunks_matches_hand_values():
-    uniform = torch.full((3, 8), -math.log(8.0))  # log-probs of the uniform distribution over 8
-    peaked = torch.log(torch.tensor([[1 - 3e-6, 1e-6, 1e-6, 1e-6]]))
-    expected = torch.full((3,), math.log(8.0))
-    torch.testing.assert_close(categorical_entropy(uniform, rows=2), expected)  # 2 chunks
-    assert categorical_entropy(peaked).item() < 1e-4
-    p = torch.tensor([0.5, 0.25, 0.25])  # H = 0.5 ln 2 + 2 · 0.25 ln 4 = 1.5 ln 2
-    expected = torch.tensor([1.5 * math.log(2)])
-    torch.testing.assert_close(categorical_entropy(p.log()[None]), expected)
+def test_token_logprobs_and_entropy_match_hand_values():
+    # An identity head makes the hidden states the logits themselves.
+    head = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(8))
+    uniform = torch.zeros(3, 8)  # 3 rows in chunks of 2: the chunk boundary is crossed
+    logp, ent = token_logprobs(uniform, head, torch.tensor([0, 3, 7]), 1.0, True, rows=2)
+    torch.testing.assert_close(logp, torch.full((3,), -math.log(8.0)))
+    torch.testing.assert_close(ent, torch.full((3,), math.log(8.0)))
+    p = torch.tensor([[0.5, 0.25, 0.25, 0, 0, 0, 0, 0]]).clamp(min=1e-30)
+    logp, ent = token_logprobs(p.log(), head, torch.tensor([1]), 1.0, True)
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.25)]))
+    torch.testing.assert_close(ent, torch.tensor([1.5 * math.log(2)]))  # ½ln2 + 2·¼ln4
+    # Temperature 2 on logits 2·log p gives back p.
+    logp, _ = token_logprobs(2 * p.log(), head, torch.tensor([0]), 2.0)
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.5)]))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_token_logprobs_gradients_match_the_plain_log_softmax(bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    head = torch.nn.Linear(4, 7, bias=bias)
+    tokens = torch.tensor([0, 6, 3, 3, 1])
+    weights = torch.randn(5)  # an arbitrary upstream gradient
+
+    def grads(fn):
+        for t in (hidden, *head.parameters()):
+            t.grad = None
+        out = fn()
+        (out * weights).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (hidden, *head.parameters())]
+
+    plain = lambda: torch.log_softmax(head(hidden) / 0.7, -1).gather(1, tokens[:, None])[:, 0]  # noqa: E731
+    ours = lambda: token_logprobs(hidden, head, tokens, 0.7, rows=2)[0]  # noqa: E731
+    (out_a, grads_a), (out_b, grads_b) = grads(plain), grads(ours)
+    torch.testing.assert_close(out_b, out_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+def test_token_logprobs_with_a_frozen_bf16_head():
+    # The hydra's bf16 mode: a frozen bf16 head, fp32 hidden states from the trained blocks.
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16).requires_grad_(False)
+    tokens = torch.randint(0, 50, (6,))
+    plain = torch.log_softmax((hidden.bfloat16() @ head.weight.T).float(), -1)
+    plain = plain.gather(1, tokens[:, None])[:, 0]
+    (grad_a,) = torch.autograd.grad(plain.sum(), hidden)
+    ours, _ = token_logprobs(hidden, head, tokens, 1.0)
+    (grad_b,) = torch.autograd.grad(ours.sum(), hidden)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(grad_b, grad_a, atol=2e-2, rtol=2e-2)  # bf16 gradient matmul
