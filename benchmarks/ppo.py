@@ -79,14 +79,17 @@ def counts(model) -> tuple[int, int, int, int]:
 
 
 def ppo_step_flops(model, n_top: int, tq: float, r: float, epochs: int) -> dict[str, float]:
-    """Matmul FLOPs of one PPO step (2 per multiply-add; attention scores ignored: T <= 24)."""
+    """Matmul FLOPs of one PPO step (2 per multiply-add; attention scores ignored: T <= 24).
+
+    Training counts what it must compute: forward + input and weight gradients (3x) for the
+    trained top blocks, forward + input gradient (2x) for the frozen LM head."""
     per_block, hidden, vocab, n_blocks = counts(model)
     b, seq = BATCH, tq + r - 1
-    head = 2 * hidden * vocab  # per position where logits are computed
-    generate = 2 * per_block * n_blocks * b * seq + head * b * r
-    top = 2 * per_block * n_top * b * seq + head * b * r  # top blocks + head on response slots
-    reference = 2 * top  # old log-probs/values (policy top) and reference top
-    trained = epochs * 3 * top  # forward + backward (input and weight grads)
+    head = 2 * hidden * vocab * b * r  # the LM head on the response positions
+    top = 2 * per_block * n_top * b * seq  # the trained top blocks on every position
+    generate = 2 * per_block * n_blocks * b * seq + head
+    reference = 2 * (top + head)  # old log-probs/values (policy top) and reference top
+    trained = epochs * (3 * top + 2 * head)
     return {"generate": generate, "reference": reference, "train": trained}
 
 
