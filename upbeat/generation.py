@@ -9,9 +9,10 @@ truncation), and the hydra needs the trunk's output of every position, captured 
   probabilities) is exact and costs one cumsum; `torch.multinomial` draws an exponential variate
   for every vocabulary entry (B x 49k per step), measured as a third of the sampler's time.
 - The model's own forward over a `DynamicCache`, LM head on the last position only. A decode
-  step at batch 32 is ~30 ms of matmuls (bf16, ~40% of the AMX peak at 32 rows) plus ~1,300 small
-  ops of per-op overhead. bf16 weights halve the matmul time; a hand-written Llama decode loop
-  (fused q/k/v and gate/up, preallocated cache) was measured no faster and not kept;
+  step at batch 32 is ~30 ms of matmuls (bf16; ~40% of the peak at 32 rows on an AMX Xeon, ~30%
+  on an AVX-512-BF16 EPYC) plus ~1,300 small ops of per-op overhead. bf16 weights halve the
+  matmul time; a hand-written Llama decode loop (fused q/k/v and gate/up, preallocated cache)
+  was measured no faster and not kept;
   `torch.compile` of the decode step with a static cache was ~17% faster but costs 26–32 s of
   compilation per cache length on a fresh machine (7 s from a warm inductor cache) against
   ~0.2 s saved per PPO step, so it is not used either.

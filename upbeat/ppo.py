@@ -521,7 +521,7 @@ def train(
     eos = tokenizer.eos_token_id
 
     def autocast() -> torch.autocast:
-        # bf16 matmuls (AMX on this CPU) for the reference and training forwards (sampling uses
+        # bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
         # the hydra's bf16 copy); trained weights, optimizer state and log-sum-exp stay fp32.
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
