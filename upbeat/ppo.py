@@ -522,7 +522,7 @@ def train(
 
     def autocast() -> torch.autocast:
         # bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
-        # the hydra's bf16 copy); trained weights, optimizer state and log-sum-exp stay fp32.
+        # the hydra's bf16 copy); trained weights, optimizer state and the softmax stay fp32.
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
     for step in range(start, cfg.steps):
