@@ -39,7 +39,7 @@ from torch import nn
 
 from upbeat.config import PPOParams
 from upbeat.errors import TrainingError
-from upbeat.generation import sample
+from upbeat.generation import pack_bf16_linears, sample
 from upbeat.models import (
     final_norm,
     freeze_except_top_blocks,
@@ -309,15 +309,21 @@ class Hydra(nn.Module):
         # weights would be cast again on every call (autocast only caches casts of trainable
         # weights). The fp32 model is the one trained and saved.
         self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 else None
-        # (copy, original) for each trained weight, paired by name: refreshed before each rollout.
+        # Its linear layers multiply by oneDNN-prepacked weights (~20% faster decode matmuls).
+        packed = [] if self.frozen_bf16 is None else pack_bf16_linears(self.frozen_bf16)
+        # (copy, original) for each trained weight, paired by name: refreshed before each rollout,
+        # and the packed layers among them repacked.
         fast = {} if self.frozen_bf16 is None else dict(self.frozen_bf16.named_parameters())
         self._bf16_pairs = [
             (fast[n], p) for n, p in model.named_parameters() if n in fast and p.requires_grad
         ]
+        refreshed = {id(f) for f, _ in self._bf16_pairs}
+        self._to_repack = [m for m in packed if id(m.weight) in refreshed]
 
     def sampling_model(self) -> Any:
         """The model to sample from: the policy itself, or in bf16 mode the bf16 copy with the
-        trained weights' current values copied in (7M of 135M parameters: a few ms per rollout).
+        trained weights' current values copied in and repacked (7M of 135M parameters: a few ms
+        per rollout).
         All-bf16 sampling needs no autocast, whose per-op dispatch was measured at ~6% of the
         sampler's time; its matmuls see the same bf16 weights autocast would cast to."""
         if self.frozen_bf16 is None:
@@ -325,6 +331,8 @@ class Hydra(nn.Module):
         with torch.no_grad():
             for fast, live in self._bf16_pairs:
                 fast.copy_(live)
+            for layer in self._to_repack:
+                layer.repack()
         return self.frozen_bf16
 
     @contextmanager

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
-from upbeat.generation import draw, encode_prompts, sample, sample_continuations
+from upbeat.generation import (
+    PackedLinear,
+    draw,
+    encode_prompts,
+    pack_bf16_linears,
+    sample,
+    sample_continuations,
+)
 from upbeat.models import load_policy, position_ids_from_mask, transformer_blocks
 
 PROMPTS = ["i love", "this is the worst day ever, i", "so"]  # different lengths: left padding
@@ -122,3 +132,42 @@ def test_trunk_capture_is_the_input_of_the_block(policy):
     real = full_mask.bool()
     assert s2.trunk.shape == (*full_ids.shape, model.config.hidden_size)
     torch.testing.assert_close(s2.trunk[real], seen[0][real], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_bf16_linears_sample_what_the_plain_bf16_model_samples(policy):
+    # The PPO sampler's bf16 copy multiplies by oneDNN-prepacked weights: same parameters (names,
+    # tie of head and embeddings), same logits, same tokens as the plain bf16 model.
+    model, tok = policy
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    fast = copy.deepcopy(plain)
+    n_linear = sum(type(m) is nn.Linear for m in fast.modules())
+    packed = pack_bf16_linears(fast)
+    if not packed:  # no oneDNN bf16 matmul on this CPU: the model is left as it was
+        assert sum(type(m) is nn.Linear for m in fast.modules()) == n_linear
+        return
+    assert len(packed) == n_linear and not any(type(m) is nn.Linear for m in fast.modules())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    if model.config.tie_word_embeddings:
+        assert fast.get_output_embeddings().weight is fast.get_input_embeddings().weight
+    ids, mask = encode_prompts(tok, PROMPTS)
+    with torch.inference_mode():
+        want = plain(input_ids=ids, attention_mask=mask).logits
+        got = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    _, _, a = _sample(plain, tok, temperature=1.0)
+    _, _, b = _sample(fast, tok, temperature=1.0)
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-2, rtol=0)
+
+
+def test_a_packed_linear_follows_its_weight_after_repack():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(4, 3, 16, dtype=torch.bfloat16)  # (B, T, H): the model's layout
+    (layer,) = pack_bf16_linears(nn.Sequential(linear)) or pytest.skip("no oneDNN bf16 matmul")
+    assert isinstance(layer, PackedLinear) and layer.weight is linear.weight
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    layer.repack()
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
