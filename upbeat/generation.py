@@ -179,6 +179,15 @@ class PackedLinear(nn.Linear):
         different at 32, 64 or 256 rows)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["packed"]  # an opaque oneDNN tensor: it cannot be copied or pickled, only rebuilt
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.repack()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

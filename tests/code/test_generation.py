@@ -158,6 +158,8 @@ def test_packed_bf16_linears_sample_what_the_plain_bf16_model_samples(policy):
     _, _, b = _sample(fast, tok, temperature=1.0)
     assert torch.equal(a.response_ids, b.response_ids)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-2, rtol=0)
+    _, _, c = _sample(copy.deepcopy(fast), tok, temperature=1.0)  # a copy repacks its weights
+    assert torch.equal(c.response_ids, b.response_ids) and torch.equal(c.logprobs, b.logprobs)
 
 
 def test_a_packed_linear_follows_its_weight_after_repack():
