@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from upbeat.config import load_params
 from upbeat.generation import encode_prompts, sample
-from upbeat.models import load_policy, set_threads, transformer_blocks
+from upbeat.models import load_policy, native_bf16, resolve_bf16, set_threads, transformer_blocks
 from upbeat.ppo import Hydra, train
 
 BATCH, NEW_TOKENS = 32, 16
@@ -112,8 +112,18 @@ def main() -> None:
         outcome(model, tok, args.set)
         return
 
-    peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
-    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f}")
+    has_bf16 = native_bf16()
+    # (Emulated bf16 is so slow that the full-size peak would take a minute to measure.)
+    peak = {"fp32": matmul_flops(torch.float32),
+            "bf16": matmul_flops(torch.bfloat16, n=1024 if has_bf16 else 256)}  # fmt: skip
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f}")
+    precisions = ("fp32", "bf16") if has_bf16 else ("fp32",)
+    if not has_bf16:
+        print(
+            "no native bf16 matmul on this CPU (no AVX-512 BF16 / AMX): bf16 rows skipped; "
+            f"ppo.bf16: auto runs fp32 here (emulated bf16 is {peak['fp32'] / peak['bf16']:.0f}x"
+            " slower per matmul)"
+        )
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
@@ -123,8 +133,9 @@ def main() -> None:
     n_tokens = BATCH * NEW_TOKENS
 
     # PPO's bf16 sampler: the hydra's bf16 copy of the policy (oneDNN-prepacked linear layers).
-    bf16_policy = Hydra(copy.deepcopy(model), base.train_top_blocks, bf16=True).sampling_model()
-    bf16_weights = copy.deepcopy(model).to(torch.bfloat16)  # `generate` on plain bf16 weights
+    if has_bf16:
+        bf16_policy = Hydra(copy.deepcopy(model), base.train_top_blocks, bf16=True).sampling_model()
+        bf16_weights = copy.deepcopy(model).to(torch.bfloat16)  # `generate` on plain bf16 weights
 
     def ours(bf16: bool) -> None:
         sample(bf16_policy if bf16 else model, ids, mask, max_new_tokens=NEW_TOKENS,
@@ -138,13 +149,13 @@ def main() -> None:
                        temperature=1.0)  # fmt: skip
 
     # Interleaved repeats, best of each: other processes share these cores.
-    runs = {
-        "generate fp32": lambda: generate(model),
-        "generate bf16": lambda: generate(bf16_weights),
-        "generate packed": lambda: generate(bf16_policy),  # like for like: the same weights
-        "ours fp32": lambda: ours(False),
-        "ours bf16": lambda: ours(True),
-    }
+    runs = {"generate fp32": lambda: generate(model), "ours fp32": lambda: ours(False)}
+    if has_bf16:
+        runs |= {
+            "generate bf16": lambda: generate(bf16_weights),
+            "generate packed": lambda: generate(bf16_policy),  # like for like: the same weights
+            "ours bf16": lambda: ours(True),
+        }
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(args.repeats):
         for name, fn in runs.items():
@@ -161,7 +172,7 @@ def main() -> None:
         print(line)
     # Each decode step reads every weight once, for only 32 tokens: a floor no sampler beats.
     n_params = sum(p.numel() for p in model.parameters())
-    for name, width in (("fp32", 4), ("bf16", 2)):
+    for name, width in (("fp32", 4), ("bf16", 2))[: len(precisions)]:
         floor = NEW_TOKENS * n_params * width / bandwidth
         print(f"weight-streaming floor, {name}: {floor:.2f} s = {n_tokens / floor:.0f} tok/s "
               f"(ours reaches {100 * floor / best['ours ' + name]:.0f}% of it)")  # fmt: skip
@@ -170,7 +181,7 @@ def main() -> None:
     texts = [p + " and more words here" for p in PROMPTS] * 50
     rng = np.random.default_rng(0)
     score = lambda xs: rng.normal(size=len(xs))  # noqa: E731  (scoring is timed separately)
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         cfg = base.model_copy(
             update=dict(
                 steps=args.steps,
@@ -245,7 +256,7 @@ def outcome(model, tok, overrides: list[str]) -> None:
     after = vader(model)
     # KL(after || before) per sequence, on the PPO model's own continuations of the prompts.
     ids, mask = encode_prompts(tok, prompts)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.ppo.bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_bf16(params.ppo.bf16)):
         s = sample(
             model,
             ids,

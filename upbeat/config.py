@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 
 
 class ConfigError(ValueError):
     """A parameter is unknown, mistyped or out of range; the message names it."""
+
+
+def _bool_or_auto(value: Any) -> Any:
+    """One clear error for a `true | false | auto` switch (a plain union reports one per arm)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError("expected true, false or auto")
 
 
 class _Block(BaseModel):
@@ -168,8 +175,10 @@ class PPOParams(_Block):
     train_top_blocks: int = Field(ge=1)
     """Train the top N blocks (+ final norm); the frozen trunk below is shared by policy and
     reference and computed once per rollout (trlx's hydra)."""
-    bf16: bool
-    """Autocast matmuls to bfloat16 (AVX-512 BF16/AMX); weights and optimizer state stay fp32."""
+    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+    """Sample from a bf16 copy and autocast the training matmuls to bf16; weights and optimizer
+    state stay fp32. `auto`: only where the CPU multiplies bf16 in hardware (AVX-512 BF16, AMX);
+    elsewhere bf16 is emulated and far slower than fp32 (`upbeat.models.native_bf16`)."""
     checkpoint_every: int = Field(ge=1)
     """Save a resumable checkpoint every N steps."""
     seed: int

@@ -44,6 +44,7 @@ from upbeat.models import (
     final_norm,
     freeze_except_top_blocks,
     position_ids_from_mask,
+    resolve_bf16,
     transformer_blocks,
 )
 
@@ -507,7 +508,8 @@ def train(
     #    also zeroes dropout probabilities).
     model.eval()
     attention = model.config._attn_implementation  # the hydra may switch it; restored at the end
-    hydra = Hydra(model, cfg.train_top_blocks, bf16=cfg.bf16)
+    bf16 = resolve_bf16(cfg.bf16)  # `auto`: only where the CPU has bf16 matmuls in hardware
+    hydra = Hydra(model, cfg.train_top_blocks, bf16=bf16)
     params = [*hydra.trainable, *hydra.value_head.parameters()]
     # CleanRL's eps. `fused`: one kernel per step instead of ~10 elementwise passes over the 7M
     # trained weights, measured 3 ms instead of 12 ms per minibatch on 2 cores.
@@ -525,7 +527,9 @@ def train(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     # A checkpoint only resumes the run it came from: same params and same `run_key` (the caller's
     # identity of model and reward). Anything else in the directory is stale and removed.
-    fingerprint = hashlib.sha256(f"{cfg.model_dump_json()}|{run_key}".encode()).hexdigest()[:16]
+    # (`bf16` as resolved: with `auto`, a checkpoint from a bf16 machine doesn't resume in fp32.)
+    key = f"{cfg.model_dump_json()}|{run_key}|bf16={bf16}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     if ckpt_dir is not None:
         latest = latest_checkpoint(ckpt_dir)
         if latest is not None and resume and _fingerprint_of(latest) == fingerprint:
@@ -539,7 +543,7 @@ def train(
     def autocast() -> torch.autocast:
         # bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
         # the hydra's bf16 copy); trained weights, optimizer state and the softmax stay fp32.
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     for step in range(start, cfg.steps):
         rng = _rng(cfg.seed, step)
@@ -687,6 +691,7 @@ def train(
             "time/reference": t3 - t2,
             "time/train": t4 - t3,
             "perf/episodes_per_s": cfg.batch_size / (t4 - t0),
+            "perf/bf16": float(bf16),  # what `ppo.bf16` resolved to on this machine
         }
         result.history.append(metrics)
         if on_step is not None:

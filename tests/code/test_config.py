@@ -103,3 +103,15 @@ def test_override_errors():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="parameters file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("true", True), ("false", False)])
+def test_bf16_switch_takes_true_false_or_auto(text, value):
+    assert load_params(PARAMS, overrides=[f"ppo.bf16={text}"]).ppo.bf16 == value
+
+
+@pytest.mark.parametrize("bad", ["maybe", "1"])
+def test_bf16_switch_error_is_one_line_naming_the_key(bad):
+    with pytest.raises(ConfigError, match=r"ppo\.bf16: .*expected true, false or auto") as err:
+        load_params(PARAMS, overrides=[f"ppo.bf16={bad}"])
+    assert str(err.value).count("ppo.bf16") == 1

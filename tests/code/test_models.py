@@ -13,7 +13,9 @@ from upbeat.errors import ModelLoadError
 from upbeat.models import (
     freeze_except_top_blocks,
     load_policy,
+    native_bf16,
     position_ids_from_mask,
+    resolve_bf16,
     save_policy,
     transformer_blocks,
 )
@@ -168,3 +170,29 @@ def test_env_var_moves_the_packaged_cache(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("UPBEAT_CACHE_DIR", str(tmp_path))
     assert cache_root() == tmp_path
     assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+@pytest.mark.parametrize(
+    ("caps", "native"),
+    [
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, False),
+        ({"avx2": True, "avx512_bf16": True, "amx_bf16": False}, True),  # e.g. Zen 4, Cooper Lake
+        ({"avx512_bf16": False, "amx_bf16": True}, True),  # Sapphire Rapids and later
+        ({"architecture": "x86_64", "num_physical_cores": 2}, False),  # nothing reported
+    ],
+)
+def test_native_bf16_reads_the_cpu_capabilities(caps, native, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert native_bf16() is native
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_resolve_bf16_auto_follows_the_cpu_and_explicit_true_is_warned(native, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native})
+    assert resolve_bf16("auto") is native
+    assert resolve_bf16(False) is False
+    if native:
+        assert resolve_bf16(True) is True
+    else:  # honoured, but the user is told it will be slow and which key to change
+        with pytest.warns(RuntimeWarning, match=r"ppo\.bf16: true.*no native bf16"):
+            assert resolve_bf16(True) is True

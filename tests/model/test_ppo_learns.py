@@ -19,7 +19,10 @@ def ppo_params(request):
     return load_params(request.config.rootpath / "params.yaml").ppo
 
 
-def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params):
+# Both precisions on every machine (emulated bf16 is slow, but not at this size).
+@pytest.mark.filterwarnings("ignore:ppo.bf16. true:RuntimeWarning")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params, bf16):
     model, tok = load_policy(str(tiny_llama))
     # A random init with std-0.02 embeddings gives near-uniform logits that no top block can
     # sharpen quickly; scaled (tied) embeddings give a peaked distribution, like a trained LM.
@@ -41,12 +44,14 @@ def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params):
             train_top_blocks=2,
             init_kl_coef=0.05,
             seed=0,
+            bf16=bf16,
         )
     )
     torch.set_num_threads(1)
     attention = model.config._attn_implementation
     history = train(model, tok, count_targets, tiny.CORPUS, cfg).history
     assert model.config._attn_implementation == attention  # bf16 training's eager is undone
+    assert all(h["perf/bf16"] == float(bf16) for h in history)
     scores = [h["objective/score"] for h in history]
     first, last = np.mean(scores[:3]), np.mean(scores[-3:])
     assert last > first + 2.0 and last > 3 * first, scores
