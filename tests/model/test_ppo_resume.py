@@ -14,6 +14,7 @@ import pytest
 import tiny
 import torch
 
+import upbeat.models
 from upbeat.config import load_params
 from upbeat.models import load_policy
 from upbeat.ppo import latest_checkpoint, train
@@ -119,3 +120,16 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_llama, tmp_path, one_thr
     other, _ = _run(tiny_llama, ckpt, steps=2, seed=8)
     assert other.resumed_from == 0  # stale checkpoints from other params are dropped
     assert [p.name for p in sorted(ckpt.iterdir())] == ["step-000002"]
+
+
+def test_checkpoint_of_the_other_precision_is_not_resumed(
+    tiny_llama, tmp_path, one_thread, monkeypatch
+):
+    # `bf16: auto` resolves per machine: a checkpoint written in bf16 must not resume in fp32.
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(upbeat.models, "native_bf16", lambda: True)
+    first, _ = _run(tiny_llama, ckpt, steps=2, bf16="auto")
+    assert first.history[-1]["perf/bf16"] == 1.0
+    monkeypatch.setattr(upbeat.models, "native_bf16", lambda: False)
+    other, _ = _run(tiny_llama, ckpt, steps=2, bf16="auto")
+    assert other.resumed_from == 0 and other.history[-1]["perf/bf16"] == 0.0
