@@ -172,8 +172,8 @@ def main() -> None:
         print(line)
     # Each decode step reads every weight once, for only 32 tokens: a floor no sampler beats.
     n_params = sum(p.numel() for p in model.parameters())
-    for name, width in (("fp32", 4), ("bf16", 2))[: len(precisions)]:
-        floor = NEW_TOKENS * n_params * width / bandwidth
+    for name in precisions:
+        floor = NEW_TOKENS * n_params * {"fp32": 4, "bf16": 2}[name] / bandwidth
         print(f"weight-streaming floor, {name}: {floor:.2f} s = {n_tokens / floor:.0f} tok/s "
               f"(ours reaches {100 * floor / best['ours ' + name]:.0f}% of it)")  # fmt: skip
 

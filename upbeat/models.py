@@ -100,15 +100,15 @@ def native_bf16() -> bool:
     return any(v is True for k, v in torch.cpu.get_capabilities().items() if "bf16" in k)
 
 
-def resolve_bf16(setting: bool | str, param: str = "ppo.bf16") -> bool:
+def resolve_bf16(setting: bool | str) -> bool:
     """`auto` -> bf16 iff the CPU has it natively; an explicit `true` on a CPU without it is
     honoured (results then match a bf16 machine's more closely) but warned about, by name."""
     if setting == "auto":
         return native_bf16()
     if setting and not native_bf16():
         warnings.warn(
-            f"{param}: true, but this CPU has no native bf16 matmul (AVX-512 BF16 / AMX): it will "
-            f"be emulated and run many times slower than fp32; set {param}: auto or false",
+            "ppo.bf16: true, but this CPU has no native bf16 matmul (AVX-512 BF16 / AMX): it will "
+            "be emulated and run many times slower than fp32; set ppo.bf16: auto or false",
             RuntimeWarning,
             stacklevel=2,
         )
