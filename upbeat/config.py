@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from upbeat.errors import UpbeatError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UpbeatError):
     """A parameter is unknown, mistyped or out of range; the message names it."""
 
 
@@ -218,20 +220,6 @@ class GateParams(_Block):
     """KL(after ‖ before) per sequence, in nats, must stay under this."""
     min_distinct_2: float = Field(ge=0, le=1)
     """distinct-2 of the continuations must stay over this (mode-collapse alarm)."""
-
-
-STAGE_BLOCKS = (
-    "ingest",
-    "validate",
-    "clean",
-    "policy",
-    "sft",
-    "reward",
-    "ppo",
-    "evaluate",
-    "register",
-    "gate",
-)
 
 
 class Params(_Block):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -115,3 +118,18 @@ def test_bf16_switch_error_is_one_line_naming_the_key(bad):
     with pytest.raises(ConfigError, match=r"ppo\.bf16: .*expected true, false or auto") as err:
         load_params(PARAMS, overrides=[f"ppo.bf16={bad}"])
     assert str(err.value).count("ppo.bf16") == 1
+
+
+def test_a_stage_on_a_typo_prints_one_error_line(tmp_path, raw):
+    # Under `dvc repro` the stage script is all there is: a typo must not end in a traceback.
+    raw["clean"]["min_wrods"] = 3
+    write(tmp_path, raw)
+    script = PARAMS.parent / "stages" / "ingest.py"
+    args = [sys.executable, str(script), "--out", "raw.parquet", "--metrics", "ingest.json"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {PARAMS.name}: invalid parameters"]
+    assert "clean.min_wrods: unknown key" in done.stderr
+    assert not (tmp_path / "raw.parquet").exists()
