@@ -109,20 +109,6 @@ def plan_overrides(raw: dict[str, Any], items: list[str]) -> list[tuple[list[str
     ]
 
 
-def _assign(node: Any, path: list[str], value: Any) -> None:
-    from upbeat.config import ConfigError
-
-    for i, part in enumerate(path[:-1]):
-        if part not in node or node[part] is None:
-            node[part] = {}
-        node = node[part]
-        if not hasattr(node, "keys"):
-            raise ConfigError(
-                f"{'.'.join(path[: i + 1])} is not a block, cannot set {'.'.join(path)}"
-            )
-    node[path[-1]] = value
-
-
 def apply_overrides(params_file: Path, items: list[str]) -> list[str]:
     """Validate `key=value` overrides against the schema, then write them into params.yaml
     (comments and layout kept, like `dvc exp run -S`). Nothing is written if any is invalid."""
@@ -130,20 +116,20 @@ def apply_overrides(params_file: Path, items: list[str]) -> list[str]:
 
     from ruamel.yaml import YAML
 
-    from upbeat.config import read_params_file, resolve, validate_params
+    from upbeat.config import read_params_file, resolve, set_dotted, validate_params
 
     raw = read_params_file(params_file)
     plan = plan_overrides(raw, items)
     candidate = copy.deepcopy(raw)
     for path, value in plan:
-        _assign(candidate, path, value)
+        set_dotted(candidate, path, value)
     validate_params(resolve(candidate), f"{params_file} with --set {' '.join(items)}")
 
     yaml = YAML()  # round-trip mode: comments, order and quoting survive
     yaml.preserve_quotes = True
     doc = yaml.load(params_file.read_text(encoding="utf-8"))
     for path, value in plan:
-        _assign(doc, path, value)
+        set_dotted(doc, path, value)
     tmp = params_file.with_name(f".{params_file.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         yaml.dump(doc, f)
@@ -395,7 +381,7 @@ def ui(
     """Open the MLflow UI on the project's store (127.0.0.1 only)."""
     import subprocess
 
-    from upbeat.tracking import tracking_uri
+    from upbeat.tracking import artifact_root, tracking_uri
 
     root = project()
     uri = tracking_uri(root)
@@ -411,9 +397,8 @@ def ui(
         "--port",
         str(port),
     ]
-    if uri.startswith("sqlite:///"):
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
-        cmd += ["--default-artifact-root", artifacts.as_uri()]
+    if artifacts := artifact_root(uri):
+        cmd += ["--default-artifact-root", artifacts]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops)")
     with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(cmd, cwd=root, check=False)

@@ -280,9 +280,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set `data[a][b] = value` for key `a.b`, refusing to invent unknown blocks."""
-    parts = key.split(".")
+def set_dotted(data: dict[str, Any], key: str | list[str], value: Any) -> None:
+    """Set `data[a][b] = value` for key `a.b` (or the path `[a, b]`: a profile's own dotted key is
+    one step, `["profiles", "seeds", "ppo.steps"]`), making missing blocks, refusing to descend
+    into a value that is not a block."""
+    parts = key.split(".") if isinstance(key, str) else key
+    key = ".".join(parts)
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -38,6 +38,14 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a sqlite store keeps its artifacts: `artifacts/` beside the db file (as a file URI),
+    not `./mlruns` of whatever directory a process runs in. None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+
+
 def setup_mlflow(root: Path | None = None, experiment: str = EXPERIMENT) -> str:
     """Point mlflow at the project store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -48,11 +56,7 @@ def setup_mlflow(root: Path | None = None, experiment: str = EXPERIMENT) -> str:
     if exp is not None:
         mlflow.set_experiment(experiment)
         return exp.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        # Keep artifacts beside the db, not in ./mlruns of whatever cwd a process has.
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
     mlflow.set_experiment(experiment)
     return exp_id
 
@@ -108,11 +112,12 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
 
 
 def write_csv(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
-    """Write rows as CSV (columns from the first row), atomically: the curves `dvc plots` reads."""
+    """Write rows as CSV (columns from the first row), atomically: the curves `dvc plots` reads
+    and the evaluate stage's sample table (UTF-8: tweets are not ASCII)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)

@@ -32,6 +32,7 @@ def proj(tmp_path, monkeypatch):
         ("ppo.steps=many", "ppo.steps"),
         ("no_equals_sign", "must look like key=value"),
         ("profile=nope", "nope"),
+        ("ppo.steps.deep=3", "ppo.steps is not a block, cannot set ppo.steps.deep"),
     ],
 )
 def test_run_rejects_bad_overrides_and_leaves_params_alone(proj, override, named):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from upbeat.config import ConfigError, load_params, parse_override
+from upbeat.config import ConfigError, load_params, parse_override, set_dotted
 from upbeat.tracking import project_root
 
 PARAMS = project_root() / "params.yaml"
@@ -133,3 +133,12 @@ def test_a_stage_on_a_typo_prints_one_error_line(tmp_path, raw):
     assert errors == [f"error: {PARAMS.name}: invalid parameters"]
     assert "clean.min_wrods: unknown key" in done.stderr
     assert not (tmp_path / "raw.parquet").exists()
+
+
+def test_set_dotted_takes_a_key_or_a_path():
+    data = {"ppo": {"steps": 3}, "profiles": None}
+    set_dotted(data, "ppo.steps", 5)
+    set_dotted(data, ["profiles", "seeds", "ppo.steps"], 7)  # a profile's key stays one key
+    assert data == {"ppo": {"steps": 5}, "profiles": {"seeds": {"ppo.steps": 7}}}
+    with pytest.raises(ConfigError, match=r"^ppo\.steps is not a block, cannot set ppo\.steps\.x$"):
+        set_dotted(data, ["ppo", "steps", "x"], 1)
