@@ -8,8 +8,11 @@ from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
 from upbeat.models import load_policy, save_policy, set_threads
-from upbeat.sft import train
+from upbeat.progress import Progress
+from upbeat.sft import total_steps, train
 from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
+
+FIELDS = (("loss", "sft/loss", ".3f"), ("lr", "sft/lr", ".1e"), ("eval ppl", "sft/eval_ppl", ".1f"))
 
 
 @exit_on_user_error
@@ -26,9 +29,16 @@ def main() -> None:
     set_threads(params.policy.num_threads)
     train_texts = load_canonical(args.train)["text"].tolist()
     eval_texts = load_canonical(args.eval)["text"].tolist()
+    progress = Progress("sft", total_steps(len(train_texts), params.sft), fields=FIELDS)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        log_metrics(metrics, step=step)
+        progress.update(step, metrics)
+
     with stage_run("sft", {**params.sft.model_dump(), "policy": params.policy.model_dump()}):
         model, tokenizer = load_policy(params.policy.base)
-        result = train(model, tokenizer, train_texts, eval_texts, params.sft, log=log_metrics)
+        with progress:
+            result = train(model, tokenizer, train_texts, eval_texts, params.sft, on_step=on_step)
         save_policy(model, tokenizer, args.out)
         write_csv(args.curve, result.curve)
         write_json(args.metrics, result.metrics)

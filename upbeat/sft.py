@@ -6,15 +6,15 @@ also learns where a tweet stops. CPU time is the budget: only the top `train_top
 are trained (backward stops at the lowest trained block), and the train split is capped.
 
 Pure apart from the model it updates in place: texts in, metrics and a loss curve out. Logging
-(MLflow) is a function passed in, so tests and benchmarks run without a tracking store.
+and progress are the caller's: `on_step(step, metrics)` after every step, as PPO's train calls it,
+so tests and benchmarks run without a tracking store or a console.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from upbeat.config import SFTParams
 
-LogFn = Callable[[Mapping[str, float], int], None]
+StepFn = Callable[[int, dict[str, float]], None]
 IGNORE = -100  # label id cross_entropy skips: padding is not a prediction target
 
 
@@ -95,6 +95,11 @@ def eval_perplexity(
     return math.exp(nll / count)
 
 
+def total_steps(n_train: int, params: SFTParams) -> int:
+    """Optimizer steps `train` takes on `n_train` texts (capped at `max_train_examples` first)."""
+    return params.epochs * math.ceil(min(n_train, params.max_train_examples) / params.batch_size)
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -102,10 +107,12 @@ def train(
     eval_texts: Sequence[str],
     params: SFTParams,
     *,
-    log: LogFn | None = None,
-    progress: bool = True,
+    on_step: StepFn | None = None,
 ) -> SFTResult:
     """Fine-tune `model` in place; returns eval perplexity before/after and the loss curve.
+
+    `on_step(step, metrics)` gets `sft/loss` and `sft/lr` after every optimizer step, plus
+    `sft/eval_ppl` at the last step of each epoch; step 0 (before training) has `sft/eval_ppl` only.
 
     Same seed, same texts and same thread count give bit-identical weights on CPU: dropout is off
     (load_policy zeroes it) and the only randomness is the seeded shuffle.
@@ -130,45 +137,46 @@ def train(
     # `fused`: one kernel per step instead of ~10 elementwise passes (measured ~4x faster on CPU).
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0, fused=True)
     steps_per_epoch = math.ceil(len(train_seqs) / params.batch_size)
-    total_steps = params.epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, params.warmup_steps, total_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, params.warmup_steps, total_steps(len(train_texts), params)
+    )
 
     ppl_before = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
-    if log:
-        log({"sft/eval_ppl": ppl_before}, 0)
+    if on_step is not None:
+        on_step(0, {"sft/eval_ppl": ppl_before})
     curve: list[dict[str, float]] = []
     tokens, losses, started = 0, [], time.perf_counter()
     model.train()
-    with _progress(progress, total_steps) as bar:
-        step = 0
-        for epoch in range(params.epochs):
-            order = torch.randperm(len(train_seqs), generator=gen).tolist()
-            for start in range(0, len(order), params.batch_size):
-                rows = order[start : start + params.batch_size]
-                batch = collate([train_seqs[i] for i in rows], pad_id)
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"sft: loss is {loss.item()} at step {step + 1}; "
-                        "lower sft.learning_rate (weights were not saved)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                tokens += int(batch["attention_mask"].sum())
-                losses.append(loss.item())
-                row = {"step": step, "epoch": epoch + 1, "loss": losses[-1]}
-                row["lr"] = scheduler.get_last_lr()[0]
-                curve.append(row)
-                if log:
-                    log({"sft/loss": row["loss"], "sft/lr": row["lr"]}, step)
-                bar(f"epoch {epoch + 1}/{params.epochs} loss {losses[-1]:.3f}")
-            ppl = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
-            if log:
-                log({"sft/eval_ppl": ppl}, step)
+    step = 0
+    for epoch in range(params.epochs):
+        order = torch.randperm(len(train_seqs), generator=gen).tolist()
+        starts = range(0, len(order), params.batch_size)
+        for start in starts:
+            rows = order[start : start + params.batch_size]
+            batch = collate([train_seqs[i] for i in rows], pad_id)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"sft: loss is {loss.item()} at step {step + 1}; "
+                    "lower sft.learning_rate (weights were not saved)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss.item())
+            row = {"step": step, "epoch": epoch + 1, "loss": losses[-1]}
+            row["lr"] = scheduler.get_last_lr()[0]
+            curve.append(row)
+            reported = {"sft/loss": row["loss"], "sft/lr": row["lr"]}
+            if start == starts[-1]:  # the epoch's eval is reported with its last step
+                ppl = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
+                reported["sft/eval_ppl"] = ppl
+            if on_step is not None:
+                on_step(step, reported)
     model.eval()
     seconds = time.perf_counter() - started
     tail = losses[-max(1, steps_per_epoch // 4) :]  # last quarter epoch: less noisy than one step
@@ -190,17 +198,3 @@ def _cap(texts: Sequence[str], cap: int, gen: torch.Generator) -> list[str]:
 
     keep = torch.randperm(len(texts), generator=gen)[:cap].tolist()
     return [texts[i] for i in keep]
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar advanced once per step with a new description, or a no-op."""
-    if not enabled:
-        yield lambda _description: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn()) as bar:
-        task = bar.add_task("sft", total=total)
-        yield lambda description: bar.update(task, advance=1, description=description)

@@ -11,7 +11,7 @@ import torch
 from upbeat.config import load_params
 from upbeat.errors import DataError
 from upbeat.models import load_policy, save_policy
-from upbeat.sft import collate, eval_perplexity, tokenize, train
+from upbeat.sft import collate, eval_perplexity, tokenize, total_steps, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = tiny.CORPUS[:40]
@@ -37,14 +37,21 @@ def sft_params(**changes):
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_sft_lowers_eval_loss_and_the_saved_model_generates(fixture, request, tmp_path) -> None:
     model, tok = load_policy(str(request.getfixturevalue(fixture)))
-    logged: list[tuple[dict, int]] = []
+    steps: list[tuple[int, dict]] = []
+    params = sft_params()
     result = train(
-        model, tok, TRAIN, EVAL, sft_params(), log=lambda m, s: logged.append((dict(m), s))
+        model, tok, TRAIN, EVAL, params, on_step=lambda step, m: steps.append((step, dict(m)))
     )
     m = result.metrics
     assert m["sft/eval_ppl_after"] < 0.5 * m["sft/eval_ppl_before"]
     assert len(result.curve) == m["sft/steps"] == 4 * 5  # 40 tweets / 8 per batch, 4 epochs
-    assert [s for metrics, s in logged if "sft/eval_ppl" in metrics] == [0, 5, 10, 15, 20]
+    assert total_steps(len(TRAIN), params) == 20
+    assert total_steps(1000, sft_params(max_train_examples=12, epochs=3)) == 3 * 2  # capped
+    # one call per optimizer step in order, after step 0 (the eval before training)
+    assert [step for step, _ in steps] == list(range(21))
+    assert [step for step, metrics in steps if "sft/eval_ppl" in metrics] == [0, 5, 10, 15, 20]
+    assert all({"sft/loss", "sft/lr"} <= set(metrics) for _, metrics in steps[1:])
+    assert steps[-1][1]["sft/eval_ppl"] == m["sft/eval_ppl_after"]
     assert not model.training
 
     out = save_policy(model, tok, tmp_path / "sft")
@@ -63,7 +70,7 @@ def test_sft_lowers_eval_loss_and_the_saved_model_generates(fixture, request, tm
 def test_same_seed_same_weights_and_other_seed_differs(tiny_llama: Path) -> None:
     def run(seed: int) -> dict[str, torch.Tensor]:
         model, tok = load_policy(str(tiny_llama))
-        train(model, tok, TRAIN, EVAL, sft_params(epochs=1, seed=seed), progress=False)
+        train(model, tok, TRAIN, EVAL, sft_params(epochs=1, seed=seed))
         return model.state_dict()
 
     a, b, c = run(1), run(1), run(2)
@@ -74,7 +81,7 @@ def test_same_seed_same_weights_and_other_seed_differs(tiny_llama: Path) -> None
 def test_top_blocks_only_changes_the_top(tiny_llama: Path) -> None:
     model, tok = load_policy(str(tiny_llama))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(model, tok, TRAIN, EVAL, sft_params(epochs=1, train_top_blocks=1), progress=False)
+    train(model, tok, TRAIN, EVAL, sft_params(epochs=1, train_top_blocks=1))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed)
@@ -93,4 +100,4 @@ def test_examples_end_with_eos_and_padding_is_not_a_target(tiny_llama: Path) -> 
 def test_empty_split_is_a_data_error(tiny_llama: Path) -> None:
     model, tok = load_policy(str(tiny_llama))
     with pytest.raises(DataError, match="train split is empty"):
-        train(model, tok, [], EVAL, sft_params(), progress=False)
+        train(model, tok, [], EVAL, sft_params())
