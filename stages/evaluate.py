@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-from pathlib import Path
 
 import mlflow
 
@@ -16,19 +14,7 @@ from upbeat.judge import load_judge
 from upbeat.models import load_policy, set_threads
 from upbeat.plots import write_all
 from upbeat.rewards import load_scorer, load_spec
-from upbeat.tracking import log_metrics, stage_run, write_json
-
-
-def write_table(rows: list[dict], path: str) -> None:
-    """The sample table, atomically (temp file + rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out)
+from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
 
 @exit_on_user_error
@@ -77,7 +63,7 @@ def main() -> None:
             seed=p.seed,
             progress=lambda step: print(f"evaluate: {step}", flush=True),
         )
-        write_table(result.table(p.n_samples_table), args.samples)
+        write_csv(args.samples, result.table(p.n_samples_table))
         plots = write_all(result.scores, args.ppo_curve, args.plots)
         write_json(args.metrics, result.metrics)
         log_metrics(result.metrics)
