@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import argparse
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
 from upbeat.models import load_policy, save_policy, set_threads
 from upbeat.ppo import content_hash, summarise, train
+from upbeat.progress import Progress
 from upbeat.rewards import load_scorer, load_spec
 from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
+
+FIELDS = (
+    ("score", "objective/score", "+.3f"),
+    ("KL", "objective/kl", ".2f"),
+    ("β", "objective/beta", ".3f"),
+)
 
 
 @exit_on_user_error
@@ -37,22 +42,11 @@ def main() -> None:
     set_threads(params.policy.num_threads)
     texts = load_canonical(args.train)["text"].tolist()
     scorer = load_scorer(load_spec(args.reward_spec))
-    progress = Progress(
-        TextColumn("ppo"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(),
-    )
-    task = progress.add_task("ppo", total=cfg.steps, stats="")
+    progress = Progress("ppo", cfg.steps, fields=FIELDS)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         log_metrics(metrics, step=step)
-        stats = (
-            f"score {metrics['objective/score']:+.3f}  KL {metrics['objective/kl']:.2f}  "
-            f"β {metrics['objective/beta']:.3f}  {metrics['perf/episodes_per_s']:.1f} ep/s"
-        )
-        progress.update(task, completed=step, stats=stats)
+        progress.update(step, metrics)
 
     with stage_run("ppo", {**cfg.model_dump(), "policy": params.policy.model_dump()}), progress:
         model, tokenizer = load_policy(args.sft)
@@ -68,7 +62,7 @@ def main() -> None:
             on_step=on_step,
         )
         if result.resumed_from:
-            progress.console.print(f"ppo: resumed from checkpoint at step {result.resumed_from}")
+            progress.phase(f"resumed from checkpoint at step {result.resumed_from}")
         save_policy(model, tokenizer, args.out)
         write_csv(args.curve, [{"step": i + 1, **row} for i, row in enumerate(result.history)])
         metrics = summarise(result.history)
