@@ -92,7 +92,7 @@ def main() -> None:
     times["ingest"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from upbeat.data.expectations import validate_frame  # GX import (~3 s) is part of the stage
+    from upbeat.data.expectations import validate_frame  # GX's slow import is part of the stage
 
     df = load_canonical(work / "raw.parquet")
     verdict = validate_frame(df, params.validate, docs_dir=work / "docs")

@@ -9,7 +9,7 @@ PPO step against the matmul FLOP/s measured here (target >= 50%), in fp32 and wi
 Batch 32, 16 new tokens, prompts of 2-8 tokens. Times on a shared machine are noisy: the sampler
 timings are interleaved repeats, best of each. Each decode step reads every weight for only 32
 tokens, so the memory read bandwidth is measured too and the sampler's time is printed against
-that weight-streaming floor (measured here: the sampler is far above it, not bandwidth-bound).
+that weight-streaming floor (results per machine: benchmarks/README.md).
 
 `--outcome` runs PPO with the params.yaml `ppo` block (plus `--set` overrides) from the given model
 and reports the held-out VADER gain and KL against the targets (+0.5, <= 6 nats, <= 15 min).
@@ -113,7 +113,7 @@ def main() -> None:
         return
 
     has_bf16 = native_bf16()
-    # (Emulated bf16 is so slow that the full-size peak would take a minute to measure.)
+    # (Emulated bf16 is so slow that the full-size peak would take too long to measure.)
     peak = {"fp32": matmul_flops(torch.float32),
             "bf16": matmul_flops(torch.bfloat16, n=1024 if has_bf16 else 256)}  # fmt: skip
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f}")

@@ -55,14 +55,14 @@ class ValidateParams(_Block):
     allowed_targets: list[int]
     """Sentiment140 labels: 0 negative, 2 neutral (test file only), 4 positive."""
     max_duplicate_id_fraction: float = Field(ge=0, le=1)
-    """Share of rows repeating an earlier id (Sentiment140 ~0.1%, packaged 2.4%); clean dedups."""
+    """Share of rows repeating an earlier id; clean dedups them (rates: benchmarks/README.md)."""
     min_text_chars: int = Field(ge=0)
     """Raw text shorter than this counts as empty (whitespace-only text always does)."""
     max_text_chars: int = Field(ge=1)
     """Tweets are at most 140-280 chars; HTML entities can triple that. Longer is corruption."""
     max_mojibake_fraction: float = Field(ge=0, le=1)
     """Share of rows allowed to carry replacement characters or latin-1/utf-8 mojibake; clean
-    repairs or drops them (packaged corpus: 9.2%, Sentiment140 sample: 1.0%)."""
+    repairs or drops them (rates per source: benchmarks/README.md)."""
 
 
 class CleanParams(_Block):

@@ -3,20 +3,16 @@
 Why our own loop instead of `model.generate`: PPO needs the log-probs of the sampled tokens under
 *exactly* the distribution they were drawn from (logits / temperature, full softmax, no top-k/top-p
 truncation), and the hydra needs the trunk's output of every position, captured on the way. Speed
-(benchmarks/ppo.py, SmolLM2, batch 32 x 16 tokens, 2 cores) decided the rest:
+(benchmarks/ppo.py; figures per machine in benchmarks/README.md) decided the rest:
 
 - Drawing the token: inverse-CDF sampling (one uniform per row, located in the cumulative
   probabilities) is exact and costs one cumsum; `torch.multinomial` draws an exponential variate
-  for every vocabulary entry (B x 49k per step), measured as a third of the sampler's time.
+  for every vocabulary entry (B x 49k per step).
 - The model's own forward over a `DynamicCache`, LM head on the last position only. A decode
-  step at batch 32 is ~25 ms of matmuls (bf16; ~40% of the peak at 32 rows on an AMX Xeon, ~30%
-  on an AVX-512-BF16 EPYC) plus ~1,300 small ops of per-op overhead. bf16 weights halve the
-  matmul time, and prepacking them for oneDNN (`PackedLinear`) takes another fifth off; a
-  hand-written Llama decode loop (fused q/k/v and gate/up, preallocated cache) was measured no
-  faster and not kept;
-  `torch.compile` of the decode step with a static cache was ~17% faster but costs 26–32 s of
-  compilation per cache length on a fresh machine (7 s from a warm inductor cache) against
-  ~0.2 s saved per PPO step, so it is not used either.
+  step is small matmuls (one row per sequence) plus many small ops of per-op overhead. bf16
+  weights halve the bytes each matmul reads, and prepacking them for oneDNN (`PackedLinear`)
+  skips a weight reorder per call. A hand-written decode loop and `torch.compile` of the decode
+  step were tried and not kept (compiling costs more than it saves in a PPO run).
 
 Left padding: prompts of different lengths are padded on the left so every sequence's next token
 sits in the last column. Position ids are `cumsum(attention_mask) - 1`, so a padded prompt sees
@@ -66,9 +62,8 @@ def sample(
     `capture_block`: also return the input of that transformer block at every position (the
     hydra's trunk), recorded by a forward pre-hook while decoding.
 
-    Decoding runs under `inference_mode` (less per-op bookkeeping than `no_grad`, measured ~6%
-    faster); the outputs are stacked outside it, so they are ordinary tensors that training may
-    use in autograd.
+    Decoding runs under `inference_mode` (less per-op bookkeeping than `no_grad`); the outputs
+    are stacked outside it, so they are ordinary tensors that training may use in autograd.
     """
     with torch.inference_mode(), ModelDecoder(model, capture_block) as decoder:
         batch = input_ids.shape[0]
@@ -141,8 +136,7 @@ class ModelDecoder:
             use_cache=True,
             # The last position, picked by an index tensor: `logits_to_keep=1` slices a strided
             # (B, 1, H) view, and a linear layer with a frozen weight on a strided 3-D input runs
-            # as a batched matmul over B copies of the 49k x 576 head (measured: 2.4 s instead of
-            # 4 ms in bf16, 85 ms instead of 11 ms in fp32, per prefill).
+            # as a far slower batched matmul over B copies of the 49k x 576 head.
             logits_to_keep=torch.tensor([ids.shape[1] - 1]),
         )
         return out.logits[:, -1, :]
@@ -155,9 +149,8 @@ class PackedLinear(nn.Linear):
     """An inference-only bf16 linear layer that multiplies by a oneDNN-prepacked copy of its weight.
 
     `F.linear` on a bf16 weight has oneDNN reorder the weight into its blocked layout on every
-    call. At decode shapes that reorder is a fifth of the matmul: SmolLM2's 211 linear layers at
-    32 rows took 14.8 ms prepacked against 18.5 ms plain (AVX-512-BF16 EPYC, 2 cores), and a whole
-    batch-32 x 16-token sample 0.58–0.65 s against 0.66–0.81 s, with the same tokens and log-probs.
+    call, a sizeable share of a matmul at decode shapes; prepacked once, the layers give the same
+    tokens and log-probs without it (figures: benchmarks/README.md).
     The weight stays a parameter (a tied head stays tied; names and state dicts are unchanged);
     whoever writes to it calls `repack()`. No autograd: the op has no backward.
     """
@@ -175,8 +168,8 @@ class PackedLinear(nn.Linear):
         return new
 
     def repack(self) -> None:
-        """Reorder the current weight into oneDNN's layout (no batch-size hint: measured no
-        different at 32, 64 or 256 rows)."""
+        """Reorder the current weight into oneDNN's layout (no batch-size hint: one layout
+        serves every batch size equally well)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
     def __getstate__(self) -> dict[str, Any]:

