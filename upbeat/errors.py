@@ -29,6 +29,28 @@ class TrainingError(UpbeatError):
     """Training diverged (NaN/inf) or cannot go on; the last good checkpoint is kept."""
 
 
+def brief(exc: Exception) -> str:
+    """An exception on one line, shortened: transformers' offline errors span several lines."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model name can only mean a local directory (`./m`, `/m`, `~/m`, `a/b/c`), never a
+    hub id (`gpt2`, `org/name`): for such a name, a missing directory is the error to report."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def model_load_error(what: str, name: str, exc: Exception, fix: str) -> ModelLoadError:
+    """`what` (e.g. "reward model") `name` could not be loaded: where it was looked for, the
+    library's reason on one line, then `fix` (what to set instead)."""
+    where = (
+        "no such directory"
+        if is_local_path(name)
+        else "not a local directory and the Hugging Face hub is unreachable or has no such model"
+    )
+    return ModelLoadError(f"{what} {name!r}: {where} ({brief(exc)}). {fix}")
+
+
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for stage `main()`s: an UpbeatError prints one clear line to stderr and exits 1."""
 

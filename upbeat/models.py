@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from upbeat.errors import ModelLoadError
+from upbeat.errors import ModelLoadError, is_local_path, model_load_error
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def load_policy(
     path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if is_local_path(spec):
         raise ModelLoadError(f"policy model {spec!r}: no such directory")
     return _load_hub(spec)
 
@@ -191,11 +191,12 @@ def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         model, tokenizer = _from_pretrained(model_id)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"policy model {model_id!r}: not a local directory and the Hugging Face hub is "
-            f"unreachable or has no such model ({_brief(exc)}). "
+        raise model_load_error(
+            "policy model",
+            model_id,
+            exc,
             "Set policy.base to a local directory (a model saved with save_pretrained) or to "
-            "`packaged:smollm2-135m`, which needs no network."
+            "`packaged:smollm2-135m`, which needs no network.",
         ) from exc
     return _prepare(model, tokenizer)
 
@@ -367,8 +368,3 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
         raise FileExistsError(str(target)) from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _brief(exc: Exception) -> str:
-    """An exception on one line, shortened: transformers' offline errors span several lines."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from upbeat.errors import ModelLoadError, UpbeatError
+from upbeat.errors import UpbeatError, model_load_error
 from upbeat.tracking import read_json, write_json
 
 if TYPE_CHECKING:
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 # Canonical Sentiment140 targets (ingest maps every source onto them).
 NEGATIVE, NEUTRAL, POSITIVE = 0, 2, 4
+_LOAD_FIX = (
+    "Set reward.model to a local directory holding a saved sequence classifier (save_pretrained), "
+    "or use reward.kind: vader, which needs no network."
+)
 
 
 class RewardSpec(BaseModel):
@@ -143,7 +147,7 @@ class HFScorer:
                 spec.model, trust_remote_code=False, use_safetensors=True
             ).eval()
         except (OSError, ValueError) as exc:
-            raise _load_error(spec.model, exc) from exc
+            raise model_load_error("reward model", spec.model, exc, _LOAD_FIX) from exc
         labels = _labels_of(self.model.config)
         for name in (spec.positive_label, spec.negative_label):
             if name not in labels:
@@ -233,7 +237,7 @@ def _model_labels(model: str) -> list[str]:
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise _load_error(model, exc) from exc
+        raise model_load_error("reward model", model, exc, _LOAD_FIX) from exc
     return _labels_of(config)
 
 
@@ -251,21 +255,3 @@ def _pick_label(labels: list[str], wanted: list[str], model: str, param: str) ->
         f"reward model {model!r} has labels {labels}; none of {param}={wanted} matches. "
         f"Add the right label name to {param} (labels are matched by name, never by position)."
     )
-
-
-def _load_error(model: str, exc: Exception) -> ModelLoadError:
-    where = (
-        "no such directory"
-        if model.startswith((".", "/", "~")) or model.count("/") > 1
-        else "not a local directory and the Hugging Face hub is unreachable or has no such model"
-    )
-    return ModelLoadError(
-        f"reward model {model!r}: {where} ({_brief(exc)}). "
-        "Set reward.model to a local directory holding a saved sequence classifier "
-        "(save_pretrained), or use reward.kind: vader, which needs no network."
-    )
-
-
-def _brief(exc: Exception) -> str:
-    """An exception on one line, shortened: transformers' offline errors span several lines."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
