@@ -13,6 +13,7 @@ from upbeat.evaluate import evaluate_policies, make_prompts
 from upbeat.judge import load_judge
 from upbeat.models import load_policy, set_threads
 from upbeat.plots import write_all
+from upbeat.progress import Progress
 from upbeat.rewards import load_scorer, load_spec
 from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
@@ -50,19 +51,20 @@ def main() -> None:
             raise DataError(f"{args.eval}: no usable eval tweets to make prompts from")
         if len(prompts) < p.n_prompts:
             print(f"evaluate: only {len(prompts)} eval prompts (evaluate.n_prompts={p.n_prompts})")
-        result = evaluate_policies(
-            sft,
-            ppo,
-            prompts,
-            load_scorer(spec),
-            judge,
-            max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature,
-            batch_size=p.batch_size,
-            bootstrap_samples=p.bootstrap_samples,
-            seed=p.seed,
-            progress=lambda step: print(f"evaluate: {step}", flush=True),
-        )
+        with Progress("evaluate", position="sampling batch {step}/{total}") as progress:
+            result = evaluate_policies(
+                sft,
+                ppo,
+                prompts,
+                load_scorer(spec),
+                judge,
+                max_new_tokens=p.max_new_tokens,
+                temperature=p.temperature,
+                batch_size=p.batch_size,
+                bootstrap_samples=p.bootstrap_samples,
+                seed=p.seed,
+                progress=progress,
+            )
         write_csv(args.samples, result.table(p.n_samples_table))
         plots = write_all(result.scores, args.ppo_curve, args.plots)
         write_json(args.metrics, result.metrics)

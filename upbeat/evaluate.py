@@ -20,9 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from upbeat.progress import Progress
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 
@@ -221,19 +224,50 @@ def evaluate_policies(
     batch_size: int,
     bootstrap_samples: int,
     seed: int,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress | None = None,
 ) -> EvalResult:
-    """Continue `prompts` with both models (same seeds), score, and compute every metric."""
+    """Continue `prompts` with both models (same seeds), score, and compute every metric.
+
+    `progress` gets an update per sampled batch (both sides count: 2 x batches in all) and a
+    phase line before each part.
+    """
     from upbeat.generation import sample_continuations
 
     (sft_model, tok), (ppo_model, ppo_tok) = sft, ppo
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    progress("sampling before (SFT)")
-    before = sample_continuations(sft_model, tok, prompts, batch_size=batch_size, **gen)
-    progress("sampling after (PPO)")
-    after = sample_continuations(ppo_model, ppo_tok, prompts, batch_size=batch_size, **gen)
+    starts = range(0, len(prompts), batch_size)
+    batches_done = 0
 
-    progress("scoring")
+    def sample_side(model: Any, tokenizer: Any) -> list[str]:
+        # One call per batch, seeded `seed + i` as sample_continuations seeds its batch i: the
+        # same continuations as one call over all prompts, with progress between batches.
+        nonlocal batches_done
+        out: list[str] = []
+        for i, start in enumerate(starts):
+            batch = prompts[start : start + batch_size]
+            out += sample_continuations(
+                model,
+                tokenizer,
+                batch,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed + i,
+                batch_size=batch_size,
+            )
+            batches_done += 1
+            if progress is not None:
+                progress.update(batches_done, total=2 * len(starts))
+        return out
+
+    def phase(text: str) -> None:
+        if progress is not None:
+            progress.phase(text)
+
+    phase("sampling before (SFT)")
+    before = sample_side(sft_model, tok)
+    phase("sampling after (PPO)")
+    after = sample_side(ppo_model, ppo_tok)
+
+    phase("scoring")
     scores = {
         "before_reward": np.asarray(reward(before), float),
         "after_reward": np.asarray(reward(after), float),
@@ -241,7 +275,7 @@ def evaluate_policies(
         "after_judge": np.asarray(judge(after), float),
     }
 
-    progress("log-probs for KL and perplexity")
+    phase("log-probs for KL and perplexity")
     lp = dict(batch_size=batch_size)
     after_under_ppo, n_after = sequence_logprobs(
         ppo_model, ppo_tok, prompts, after, temperature=temperature, **lp

@@ -133,3 +133,36 @@ def test_plots_render(tmp_path):
     paths = plots.write_all(scores, curve, tmp_path / "plots")
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
     assert plots.read_curve(tmp_path / "absent.csv") == {}
+
+
+def test_evaluate_policies_reports_each_sampled_batch_and_samples_as_one_call_does(tiny):
+    import io
+
+    from upbeat.generation import sample_continuations
+    from upbeat.progress import Progress
+
+    model, tok = tiny
+    prompts = ["i love", "so sad", "good luck", "what a day", "i hate"]  # batches of 2, 2, 1
+    out = io.StringIO()
+    progress = Progress("evaluate", stream=out, seconds=0, position="batch {step}/{total}")
+    gen = dict(max_new_tokens=4, temperature=1.0, batch_size=2, seed=5)
+    result = ev.evaluate_policies(
+        (model, tok),
+        (model, tok),
+        prompts,
+        lambda texts: np.zeros(len(texts)),
+        lambda texts: np.zeros(len(texts)),
+        bootstrap_samples=10,
+        progress=progress,
+        **gen,
+    )
+    assert result.before == sample_continuations(model, tok, prompts, **gen)
+    heads = [line.split("  ")[0] for line in out.getvalue().splitlines()]
+    assert heads == [
+        "evaluate: sampling before (SFT)",
+        *(f"evaluate: batch {i}/6" for i in (1, 2, 3)),
+        "evaluate: sampling after (PPO)",
+        *(f"evaluate: batch {i}/6" for i in (4, 5, 6)),
+        "evaluate: scoring",
+        "evaluate: log-probs for KL and perplexity",
+    ]
