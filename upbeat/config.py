@@ -115,9 +115,10 @@ class RewardParams(_Block):
     """VADER's compound score in [-1, 1], or the blog's `pos - neg`."""
     model: str | None
     """Hub id or local path of the classifier, for `kind: hf`."""
-    positive_labels: list[str]
-    """Label names (from the model's id2label) that mean positive; the first match wins."""
-    negative_labels: list[str]
+    positive_labels: list[str] = ["POSITIVE", "POS", "positive", "pos", "LABEL_1"]
+    """Label names (from the model's id2label) that mean positive; the first match wins. The
+    default covers the common sentiment classifiers; the `hf:` judge uses it too."""
+    negative_labels: list[str] = ["NEGATIVE", "NEG", "negative", "neg", "LABEL_0"]
     """Label names that mean negative (used for the probability mapping and checks)."""
     normalise: Literal["prob", "logit"]
     """`prob`: 2·P(positive) − 1 in [-1, 1]; `logit`: the raw positive logit."""

@@ -105,8 +105,6 @@ def load_judge(kind: str, reward: RewardSpec) -> Judge:
             kind="hf",
             vader_score="compound",
             model=kind[3:],
-            positive_labels=["POSITIVE", "POS", "positive", "pos", "LABEL_1"],
-            negative_labels=["NEGATIVE", "NEG", "negative", "neg", "LABEL_0"],
             normalise="prob",
             batch_size=32,
             max_eval_examples=1,

@@ -20,7 +20,8 @@ PACKAGE = "upbeat"
 
 # Modules that cannot change any output of a stage: listing them would re-run stages for nothing.
 EXEMPT = {
-    "upbeat/errors.py": "error types and the one-line exit: messages on stderr, never outputs",
+    "upbeat/errors.py": "error types, their messages and the one-line exit: it ends runs, never "
+    "writes outputs",
     "upbeat/progress.py": "progress lines on the console only",
 }
 # upbeat/ files a stage reads by path, not by import (file: the module that reads it); they go into

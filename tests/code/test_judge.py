@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
+from conftest import ROOT
 
+from upbeat.config import load_params
 from upbeat.errors import UpbeatError
 from upbeat.judge import LexiconJudge, load_judge
-from upbeat.rewards import RewardSpec
+from upbeat.rewards import RewardSpec, build_spec
 
 VADER = RewardSpec(
     kind="vader", vader_score="compound", model=None, positive_label=None, negative_label=None,
@@ -59,3 +62,13 @@ def test_hf_judge_from_a_local_classifier(tiny_classifier):
     judge = load_judge(f"hf:{tiny_classifier}", SST2)  # another model
     scores = judge(POSITIVE + NEGATIVE)
     assert scores.shape == (4,) and np.all(np.abs(scores) <= 1)
+
+
+def test_hf_judge_finds_labels_by_name_as_the_reward_does(tmp_path):
+    # One set of label names (the reward params' defaults) serves the reward and the hf judge.
+    path = tiny.build_tiny_classifier(tmp_path / "clf", labels=("negative", "neutral", "positive"))
+    judge = load_judge(f"hf:{path}", VADER)
+    overrides = {"reward.kind": "hf", "reward.model": str(path)}
+    reward = build_spec(load_params(ROOT / "params.yaml", overrides).reward)
+    picked = (judge.spec.positive_label, judge.spec.negative_label)
+    assert picked == (reward.positive_label, reward.negative_label) == ("positive", "negative")
