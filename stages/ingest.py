@@ -7,6 +7,7 @@ import argparse
 from upbeat.config import load_params
 from upbeat.data.sources import ingest, save_canonical, summarise
 from upbeat.errors import exit_on_user_error
+from upbeat.progress import Progress
 from upbeat.tracking import log_metrics, project_root, stage_run, write_json
 
 
@@ -18,8 +19,15 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    with stage_run("ingest", params.ingest.model_dump()):
-        df = ingest(params.ingest, root=project_root())
+    progress = Progress("ingest", position="downloaded {step}/{total} MB")
+
+    def on_download(done: int, size: int | None) -> None:
+        progress.update(done >> 20, total=None if size is None else size >> 20)
+
+    with stage_run("ingest", params.ingest.model_dump()), progress:
+        progress.phase(f"reading the {params.ingest.source} source")
+        df = ingest(params.ingest, root=project_root(), on_download=on_download)
+        progress.phase(f"read {len(df)} rows; writing {args.out}")
         save_canonical(df, args.out)
         metrics = summarise(df)
         write_json(args.metrics, metrics)

@@ -16,6 +16,7 @@ from upbeat.config import load_params
 from upbeat.data.expectations import validate_frame
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
+from upbeat.progress import Progress
 from upbeat.tracking import log_metrics, stage_run, write_json
 
 
@@ -28,8 +29,11 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    with stage_run("validate", params.validate.model_dump()):
+    progress = Progress("validate")
+    with stage_run("validate", params.validate.model_dump()), progress:
+        progress.phase(f"reading {args.data}")
         df = load_canonical(args.data)
+        progress.phase(f"checking {len(df)} rows with the GX suite, then writing Data Docs")
         verdict = validate_frame(df, params.validate, docs_dir=args.docs)
         write_json(args.metrics, verdict)
         log_metrics({k: v for k, v in verdict.items() if k.startswith("data/")})

