@@ -10,30 +10,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import pandas as pd
-
-from upbeat.config import CleanParams, load_params
+from upbeat.config import load_params
 from upbeat.data.check import require_passing
-from upbeat.data.clean import clean_tweets
+from upbeat.data.clean import labelled_eval
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
-from upbeat.rewards import (
-    NEGATIVE,
-    NEUTRAL,
-    POSITIVE,
-    agreement,
-    build_spec,
-    load_scorer,
-    save_spec,
-)
+from upbeat.rewards import agreement, build_spec, load_scorer, save_spec
 from upbeat.tracking import log_metrics, stage_run, write_json
-
-
-def labelled_eval(raw: pd.DataFrame, clean: CleanParams, n: int) -> pd.DataFrame:
-    """Up to `n` cleaned eval-split tweets of every target, sampled with clean's seed."""
-    every_target = clean.model_copy(update={"keep_targets": [NEGATIVE, NEUTRAL, POSITIVE]})
-    held_out = clean_tweets(raw, every_target).eval
-    return held_out.sample(n=min(n, len(held_out)), random_state=clean.seed)
 
 
 @exit_on_user_error

@@ -11,6 +11,7 @@ from upbeat.data.clean import (
     clean_tweets,
     in_sample,
     is_eval,
+    labelled_eval,
     normalise_text,
     repair_mojibake,
     splitmix64,
@@ -161,7 +162,24 @@ def test_splitmix64_known_value():
 def test_sampling_keeps_a_subset(fraction):
     df = frame([f"words {i} here" for i in range(200)])
     out = all_rows(df, params(sample_fraction=fraction))
-    assert len(out) == (200 if fraction == 1.0 else len(out))
-    assert set(out["id"]) <= set(df["id"])
-    if fraction < 1:
-        assert 20 < len(out) < 80
+    # Exactly the rows whose id hashes into the sample, and about the fraction of them.
+    chosen = in_sample(df["id"].to_numpy(), fraction, seed=0)
+    assert out["id"].tolist() == df["id"][chosen].tolist()
+    if fraction == 1.0:
+        assert len(out) == 200
+    else:
+        assert 30 < len(out) < 70
+
+
+def test_labelled_eval_holds_out_every_target_on_clean_eval_side():
+    n = 300
+    df = frame([f"tweet number {i} here" for i in range(n)], [(0, 2, 4)[i % 3] for i in range(n)])
+    p = params(keep_targets=[0], eval_fraction=0.3, seed=7)  # SFT keeps negatives only
+    out = labelled_eval(df, p, 40)
+    assert len(out) == 40
+    assert set(out["target"]) == {0, 2, 4}
+    assert is_eval(out["id"], 0.3).all()  # the eval side of clean's id-hash split
+    assert not set(out["id"]) & set(clean_tweets(df, p).train["id"])
+    pd.testing.assert_frame_equal(out, labelled_eval(df, p, 40))  # clean's seed: same rows
+    every_eval_row = clean_tweets(df, params(eval_fraction=0.3, seed=7)).eval
+    assert len(labelled_eval(df, p, 10_000)) == len(every_eval_row) < n

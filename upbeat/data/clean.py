@@ -258,3 +258,14 @@ def clean_tweets(df: pd.DataFrame, params: CleanParams) -> CleanResult:
         {"clean/rows_out": len(out), "clean/train_rows": len(train), "clean/eval_rows": len(eval_)}
     )
     return CleanResult(train=train, eval=eval_, stats=stats, rules=rules)
+
+
+def labelled_eval(raw: pd.DataFrame, params: CleanParams, n: int) -> pd.DataFrame:
+    """Up to `n` tweets of every target from the eval side of clean's split, sampled with clean's
+    seed: the same cleaned text, held out the same way, as SFT's eval split but with all labels
+    (the reward's agreement check needs positives, and `keep_targets` may keep only negatives)."""
+    every_target = params.model_copy(
+        update={"keep_targets": sorted(int(t) for t in raw["target"].unique())}
+    )
+    held_out = clean_tweets(raw, every_target).eval
+    return held_out.sample(n=min(n, len(held_out)), random_state=params.seed)
