@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -55,14 +55,6 @@ class RewardSpec(BaseModel):
     """For hf: `prob` = P(pos) − P(neg) (= 2·P(pos) − 1 for two labels); `logit` = raw pos logit."""
     batch_size: int
     """Texts per forward pass."""
-
-
-class Scorer(Protocol):
-    """Maps texts to one float each: higher is more positive."""
-
-    spec: RewardSpec
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def build_spec(params: RewardParams) -> RewardSpec:
@@ -110,8 +102,9 @@ def load_spec(path: str | Path) -> RewardSpec:
         raise UpbeatError(f"{path}: not a valid reward spec ({exc})") from exc
 
 
-def load_scorer(spec: RewardSpec) -> Scorer:
-    """Build the scoring function a spec describes."""
+def load_scorer(spec: RewardSpec) -> VaderScorer | HFScorer:
+    """Build the scoring function a spec describes: texts in, one float each out, higher is more
+    positive (the `Scorer` that PPO and evaluate take); it keeps the spec it was built from."""
     if spec.kind == "vader":
         return VaderScorer(spec)
     return HFScorer(spec)
