@@ -1,8 +1,11 @@
 """Batched sampling with a KV cache, recording the log-prob of every sampled token.
 
-Why our own loop instead of `model.generate`: PPO needs the log-probs of the sampled tokens under
-*exactly* the distribution they were drawn from (logits / temperature, full softmax, no top-k/top-p
-truncation), and the hydra needs the trunk's output of every position, captured on the way. Speed
+Why our own loop instead of `model.generate`: PPO recomputes the sampled tokens' log-probs under
+logits / temperature with the full softmax, so the tokens must be drawn from *exactly* that
+distribution, with no top-k/top-p truncation (which `generate` applies from a model's generation
+config, top-k 50 by default); and the hydra needs the trunk's output at every position, captured
+on the way. The recorded log-probs are the sampling distribution's, against which tests check
+PPO's recomputed ones. Speed
 (benchmarks/ppo.py; figures per machine in benchmarks/README.md) decided the rest:
 
 - Drawing the token: inverse-CDF sampling (one uniform per row, located in the cumulative

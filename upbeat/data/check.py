@@ -1,7 +1,9 @@
 """Check a data drop before a scheduled run picks it up: ingest + validate, outputs untouched.
 
-`upbeat validate PATH --source ...` calls `check_file`. It works in a temporary directory, so the
-pipeline's `data/` and `reports/` are never written; Data Docs go to `docs_dir` only if asked.
+`upbeat validate PATH --source ...` calls `check_file`. It reads `PATH` into memory and runs the
+suite in an ephemeral Great Expectations context, so nothing is written: not the pipeline's
+`data/` or `reports/`, not a GX project. Data Docs are built only if `docs_dir` is given (staged in
+a temporary directory, then moved into `docs_dir` whole).
 """
 
 from __future__ import annotations
