@@ -257,6 +257,13 @@ def status(
             console.print(metrics)
             if champ["reason"]:
                 console.print(f"[dim]why: {champ['reason']}[/]", highlight=False)
+            if champ["files_problem"]:
+                console.print(
+                    f"[bold red]champion cannot be loaded:[/] {champ['files_problem']}; "
+                    "`upbeat rollback` points it back at the previous champion",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         if info["versions"]:
             versions = Table(
                 "version", "aliases", "gate passed", "registered", title="latest versions"

@@ -224,6 +224,42 @@ def _version(client: Any, model_name: str, ver: str) -> Any:
         ) from None
 
 
+def files_problem(model_name: str, ver: str, client: Any = None) -> str | None:
+    """Why version `ver` cannot be loaded because its files are gone from the artifact store (e.g.
+    the directory was deleted), or None. Reads only the small MLmodel file and one listing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    uri = f"models:/{model_name}/{ver}"
+    try:
+        where = client.get_model_version_download_uri(model_name, str(ver))
+    except MlflowException:
+        where = uri
+    try:
+        spec = yaml.safe_load(mlflow.artifacts.load_text(f"{uri}/MLmodel"))
+        rel = spec["flavors"]["python_function"]["artifacts"]["policy"]["path"]
+        files = mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{rel}")
+    except MlflowException:
+        return f"version {ver}'s files are gone from the artifact store (no MLmodel in {where})"
+    except (yaml.YAMLError, KeyError, TypeError):
+        return f"version {ver}'s MLmodel in {where} does not describe an upbeat policy"
+    if not any(f.path.endswith(".safetensors") for f in files):
+        return f"version {ver}'s policy weights are gone from the artifact store ({where}/{rel})"
+    return None
+
+
+def _require_files(client: Any, model_name: str, ver: str, action: str) -> None:
+    """Refuse to point `champion` at a version that could not be loaded."""
+    if problem := files_problem(model_name, ver, client):
+        current = champion_version(model_name, client)
+        stays = f"champion stays at version {current.version}" if current else "no champion is set"
+        raise UpbeatError(
+            f"cannot {action} version {ver}: {problem}; {stays}. `upbeat status` lists the "
+            "versions: `upbeat promote VERSION --reason ...` picks one whose files exist"
+        )
+
+
 def champion_version(model_name: str, client: Any = None) -> Any | None:
     """The version `champion` points at, or None when there is none yet."""
     from mlflow.exceptions import MlflowException
@@ -252,6 +288,7 @@ def champion_history(model_name: str, client: Any = None) -> list[str]:
 
 
 def _set_champion(client: Any, model_name: str, ver: str, how: str, reason: str) -> None:
+    _require_files(client, model_name, ver, "make champion")
     history = champion_history(model_name, client)
     if how != "rollback":
         history.append(str(ver))
@@ -307,6 +344,7 @@ def rollback(model_name: str, reason: str = "rollback") -> str:
         history.append(str(current.version))
     history.pop()
     previous = history[-1]
+    _require_files(client, model_name, previous, "roll back to")  # before any tag changes
     client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
     client.set_model_version_tag(model_name, str(current.version), "rollback.at", _now())
     client.set_model_version_tag(model_name, str(current.version), "rollback.reason", reason)
@@ -323,7 +361,13 @@ def download_policy(uri: str, dst: str | Path | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    _client()
+    client = _client()
+    gone = (
+        f"cannot load {uri}: {{}}. `upbeat rollback` points champion back at the previous "
+        "champion, or `upbeat promote VERSION --reason ...` at another version (`upbeat status`)"
+    )
+    if (ver := _uri_version(client, uri)) and (problem := files_problem(*ver, client)):
+        raise UpbeatError(gone.format(problem))
     dst = Path(dst or tempfile.mkdtemp(prefix="upbeat-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
@@ -332,13 +376,36 @@ def download_policy(uri: str, dst: str | Path | None = None) -> Path:
             f"cannot load {uri}: {exc.message.splitlines()[0]} "
             "(run the pipeline with `upbeat run`, or see `upbeat status`)"
         ) from None
+    if not (local / "MLmodel").is_file():
+        raise UpbeatError(gone.format("its files are gone from the artifact store"))
     spec = yaml.safe_load((local / "MLmodel").read_text())
     rel = spec["flavors"]["python_function"]["artifacts"]["policy"]["path"]
     return local / rel
 
 
+def _uri_version(client: Any, uri: str) -> tuple[str, str] | None:
+    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`; None for other URIs or
+    when the registry has no such version (the download then reports it)."""
+    from mlflow.exceptions import MlflowException
+
+    rest = uri.removeprefix("models:/")
+    if rest == uri:
+        return None
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, ver = rest.rpartition("/")
+        if not (name and ver.isdigit()):
+            return None
+        return name, str(client.get_model_version(name, ver).version)
+    except MlflowException:
+        return None
+
+
 def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
-    """The champion (version, metrics, how it got there) and the latest versions with their gate."""
+    """The champion (version, metrics, how it got there, whether its files are still in the
+    artifact store) and the latest versions with their gate."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -358,6 +425,7 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
             "metrics": version_metrics(champ),
             "how": champ.tags.get("champion.how", ""),
             "reason": champ.tags.get("champion.reason", ""),
+            "files_problem": files_problem(model_name, str(champ.version), client),
         },
         "history": champion_history(model_name, client),
         "versions": [

@@ -128,3 +128,31 @@ def test_status_promote_rollback_generate(proj, tiny_llama):
     assert result.output.count("i love") == 2
     result = runner.invoke(app, ["generate", "hi", "--model", "models:/nothing@champion"])
     assert result.exit_code == 1 and "cannot load models:/nothing@champion" in result.output
+
+
+def test_champion_with_missing_files_status_and_generate_say_rollback(proj, tiny_llama):
+    from urllib.parse import urlparse
+
+    name = load_params(proj / "params.yaml").register.model_name
+    metrics = {"after/reward_mean": 0.4, "delta/judge_mean": 0.1, "after/kl_mean": 1.0,
+               "after/distinct_2": 0.6}  # fmt: skip
+    v1 = registry.register_policy(tiny_llama, name, metrics)
+    v2 = registry.register_policy(tiny_llama, name, metrics)
+    for v in (v1, v2):
+        assert runner.invoke(app, ["promote", v, "--reason", "test"]).exit_code == 0
+    location = registry._client().get_model_version_download_uri(name, v2)
+    shutil.rmtree(urlparse(location).path)  # the champion's artifact directory is deleted
+
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "champion cannot be loaded" in result.output and "upbeat rollback" in result.output
+    result = runner.invoke(app, ["generate", "i love", "-n", "1", "--max-new-tokens", "2"])
+    assert result.exit_code == 1
+    assert f"version {v2}'s files are gone" in result.output and "upbeat rollback" in result.output
+
+    result = runner.invoke(app, ["rollback", "--reason", "files gone"])
+    assert result.exit_code == 0 and f"version {v1}" in result.output
+    result = runner.invoke(app, ["promote", v2, "--reason", "back again?"])
+    assert result.exit_code == 1 and "files are gone" in result.output
+    result = runner.invoke(app, ["generate", "i love", "-n", "1", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output

@@ -145,3 +145,63 @@ def test_pyfunc_generates(register):
     prompts = pd.DataFrame({"prompt": ["i love", "so sad"]})
     out = model.predict(prompts, params={"max_new_tokens": 4, "seed": 1})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+# --- a champion whose files are gone ------------------------------------------------------------
+
+
+def delete_files(ver: str) -> None:
+    """What a pruned or lost artifact store looks like: the version's directory is deleted."""
+    import shutil
+    from urllib.parse import urlparse
+
+    location = registry._client().get_model_version_download_uri(NAME, ver)
+    shutil.rmtree(urlparse(location).path)
+
+
+def test_files_problem_names_the_version_and_where(register):
+    v1 = register(0.3)
+    assert registry.files_problem(NAME, v1) is None
+    delete_files(v1)
+    problem = registry.files_problem(NAME, v1)
+    assert problem is not None and f"version {v1}'s files are gone" in problem
+    assert "artifacts" in problem  # the store location is named
+
+
+def test_champion_with_missing_files_says_rollback(register, tmp_path):
+    v1 = register(0.3)
+    registry.promote_if_passes(NAME, v1, GATE)
+    v2 = register(0.5)
+    registry.promote_if_passes(NAME, v2, GATE)
+    delete_files(v2)
+
+    info = registry.status(NAME)
+    assert f"version {v2}'s files are gone" in info["champion"]["files_problem"]
+    with pytest.raises(UpbeatError, match=r"cannot load models:/.*`upbeat rollback`") as exc:
+        registry.download_policy(f"models:/{NAME}@champion", tmp_path / "dl")
+    assert f"version {v2}'s files are gone" in str(exc.value)
+
+    assert registry.rollback(NAME, "v2's files are gone") == v1  # the way out works
+    assert registry.status(NAME)["champion"]["files_problem"] is None
+    assert registry.download_policy(f"models:/{NAME}@champion", tmp_path / "dl").is_dir()
+
+
+def test_alias_never_moves_to_a_version_without_files(register):
+    v1 = register(0.3)
+    registry.promote_if_passes(NAME, v1, GATE)
+    v2 = register(0.5)
+    registry.promote_if_passes(NAME, v2, GATE)
+    v3 = register(0.7)
+    delete_files(v1)
+    delete_files(v3)
+
+    with pytest.raises(UpbeatError, match=f"cannot make champion version {v3}: .*files are gone"):
+        registry.promote(NAME, v3, "looks better")
+    with pytest.raises(UpbeatError, match=f"champion stays at version {v2}"):
+        registry.promote_if_passes(NAME, v3, GATE)  # passes the gate, but cannot be loaded
+    with pytest.raises(UpbeatError, match=f"cannot roll back to version {v1}: .*promote VERSION"):
+        registry.rollback(NAME)
+    # Nothing moved, and the history still allows a rollback once v1 is back.
+    assert str(registry.champion_version(NAME).version) == v2
+    assert registry.champion_history(NAME) == [v1, v2]
+    assert registry._client().get_model_version(NAME, v2).tags.get("rollback.at") is None
