@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from upbeat.checkpoints import content_hash
 from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import exit_on_user_error
 from upbeat.models import load_policy, save_policy, set_threads
-from upbeat.ppo import content_hash, summarise, train
+from upbeat.ppo import summarise, train
 from upbeat.progress import Progress
 from upbeat.rewards import load_scorer, load_spec
 from upbeat.tracking import log_metrics, stage_run, write_csv, write_json

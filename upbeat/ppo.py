@@ -2,7 +2,8 @@
 
 Read top to bottom: math helpers (masked stats, whitening, KL controllers, GAE, the two clipped
 losses) → the "hydra" policy/reference that share one frozen trunk → prompts → the train loop with
-numbered steps → checkpoints. Parameters are `upbeat.config.PPOParams` (one docstring per field).
+numbered steps, each a short function below it → metrics. Checkpoint files are
+`upbeat.checkpoints`. Parameters are `upbeat.config.PPOParams` (one docstring per field).
 
 Sources of the tricks, named where they are used:
 - Ziegler et al. 2019 "Fine-Tuning Language Models from Human Preferences": per-token KL penalty
@@ -21,11 +22,7 @@ Shapes: B episodes, Tq prompt tokens (left-padded), R response tokens, H hidden,
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from upbeat.checkpoints import (
+    find_resumable,
+    fingerprint,
+    remove_checkpoints,
+    save_checkpoint,
+)
 from upbeat.config import PPOParams
 from upbeat.errors import TrainingError
 from upbeat.generation import pack_bf16_linears, sample
@@ -81,9 +84,8 @@ class _TokenLogProbs(torch.autograd.Function):
     computed `rows` rows at a time (in cache) in the forward and again in the backward.
 
     The plain `log_softmax(logits.float()).gather(...)` writes and re-reads several N x 49k fp32
-    tensors per call (cast, log-softmax, the gather's zero-filled gradient, its backward). On
-    SmolLM2 (256 rows, bf16 head, forward + backward) it took 171 ms against 55 ms for this and
-    45 ms for the two matmuls alone; a bf16 PPO step's train phase went from 1.74 s to ~1.1 s.
+    tensors per call (cast, log-softmax, the gather's zero-filled gradient, its backward); this
+    stores only the logits, in the head's dtype (timings: benchmarks/README.md).
     """
 
     @staticmethod
@@ -135,7 +137,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
 def _fp32(fn: Callable[..., torch.Tensor], logits: torch.Tensor, t: float) -> torch.Tensor:
     """`fn` (softmax or log-softmax) of logits / t over the vocabulary, in fp32: one fused kernel
-    after the cast (separate sub/exp passes were measured slower), no division pass at t == 1.
+    after the cast, no division pass at t == 1.
     (On CPU `dtype=` casts first; PyTorch has no fused bf16-to-fp32 softmax there.)"""
     if t == 1.0:
         return fn(logits, dim=-1, dtype=torch.float32)
@@ -291,15 +293,16 @@ class Hydra(nn.Module):
         super().__init__()
         self.model = model
         self.n_top = n_top
+        self.bf16 = bf16
         self.trainable = freeze_except_top_blocks(model, n_top)
         blocks = transformer_blocks(model)
         self.split = len(blocks) - n_top  # index of the first trained block
         # bf16: a bf16 copy of the model for sampling (and its LM head for every forward). Half
-        # the bytes per weight is ~1.5x the sampling speed, and under autocast the frozen fp32
-        # weights would be cast again on every call (autocast only caches casts of trainable
-        # weights). The fp32 model is the one trained and saved.
+        # the bytes per weight samples faster, and under autocast the frozen fp32 weights would
+        # be cast again on every call (autocast only caches casts of trainable weights). The fp32
+        # model is the one trained and saved.
         self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 else None
-        # Its linear layers multiply by oneDNN-prepacked weights (~20% faster decode matmuls).
+        # Its linear layers multiply by oneDNN-prepacked weights (faster decode matmuls).
         packed = [] if self.frozen_bf16 is None else pack_bf16_linears(self.frozen_bf16)
         # (copy, original) for each trained weight, paired by name: refreshed before each rollout,
         # and the packed layers among them repacked.
@@ -309,11 +312,10 @@ class Hydra(nn.Module):
         ]
         refreshed = {id(f) for f, _ in self._bf16_pairs}
         self._to_repack = [m for m in packed if id(m.weight) in refreshed]
-        # bf16 training forwards run eager attention (matmul, softmax, matmul). PyTorch's CPU
-        # SDPA backward in bf16 took 7.9 ms per call at a minibatch's shape (16 rows x 9 heads x
-        # 23 positions) against 1.7 ms for eager's; in fp32 the two are equally fast. Set after
-        # the sampling copy is taken (it keeps SDPA: decode speed measured the same) and before
-        # the reference copies, which must attend exactly as the policy does.
+        # bf16 training forwards run eager attention (matmul, softmax, matmul): PyTorch's CPU
+        # SDPA backward is the slower one in bf16 (not in fp32). Set after the sampling copy is
+        # taken (it keeps SDPA, no slower for decoding) and before the reference copies, which
+        # must attend exactly as the policy does.
         if bf16:
             model.set_attn_implementation("eager")
         # Reference top: frozen copies of the SFT weights, taken before any update.
@@ -328,12 +330,26 @@ class Hydra(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """Every trained weight by name: `model.<name>` (top blocks, final norm) and
+        `value_head.<name>`. What the optimizer updates and a checkpoint stores."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        trained = {f"model.{names[id(p)]}": p for p in self.trainable}
+        trained.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
+        return trained
+
+    def load_trained(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's `trained_parameters()` values back in."""
+        with torch.no_grad():
+            for name, p in self.trained_parameters().items():
+                p.copy_(weights[name])
+
     def sampling_model(self) -> Any:
         """The model to sample from: the policy itself, or in bf16 mode the bf16 copy with the
-        trained weights' current values copied in and repacked (7M of 135M parameters: a few ms
-        per rollout).
-        All-bf16 sampling needs no autocast, whose per-op dispatch was measured at ~6% of the
-        sampler's time; its matmuls see the same bf16 weights autocast would cast to."""
+        trained weights' current values copied in and repacked (the top blocks only: a small
+        share of the model).
+        All-bf16 sampling needs no autocast, whose per-op dispatch costs sampler time; its matmuls
+        see the same bf16 weights autocast would cast to."""
         if self.frozen_bf16 is None:
             return self.model
         with torch.no_grad():
@@ -399,8 +415,8 @@ class Hydra(nn.Module):
                 use_cache=False,
             ).last_hidden_state  # (B, Tq+R−1, H), after the final norm
         batch, width = response_ids.shape
-        # One (B·R, H) x (H, V) matmul: a strided 3-D slice would run as a batched matmul with the
-        # 49k x 576 head broadcast per row, measured 2.3x slower.
+        # One (B·R, H) x (H, V) matmul: a strided 3-D slice would run as a slower batched matmul
+        # with the head broadcast per row.
         hidden = hidden[:, -n_resp:].reshape(batch * width, -1)  # (B·R, H)
         # The LM head is frozen, so its bf16 copy computes what autocast would, minus the cast.
         owner = self.model if self.frozen_bf16 is None else self.frozen_bf16
@@ -477,12 +493,31 @@ class PPOResult:
 
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    skipped_checkpoints: list[str] = field(default_factory=list)  # newer ones found corrupt: why
+
+
+@dataclass
+class Episodes:
+    """One step's sampled episodes, as every later forward sees them."""
+
+    query_ids: torch.Tensor  # (B, Tq) prompts, left-padded
+    response_ids: torch.Tensor  # (B, R) sampled tokens, padding after EOS
+    response_mask: torch.Tensor  # (B, R) 1.0 on real tokens; hides the padding after EOS
+    input_ids: torch.Tensor  # (B, Tq+R−1) prompt + response[:-1]: what the trunk saw
+    attention_mask: torch.Tensor  # (B, Tq+R−1) what sampling attended to
+    trunk: torch.Tensor  # (B, Tq+R−1, H) the frozen trunk's output, captured while sampling
 
 
 def _rng(seed: int, step: int) -> np.random.Generator:
     """Everything random in step `step` comes from (seed, step), so a resumed run draws the same
     prompts, samples and minibatch orders as an uninterrupted one."""
     return np.random.default_rng([seed, step])
+
+
+def _autocast(bf16: bool) -> torch.autocast:
+    """bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
+    the hydra's bf16 copy); trained weights, optimizer state and the softmax stay fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 def train(
@@ -501,309 +536,312 @@ def train(
 
     `texts` are train tweets (prompts are cut from their start); `scorer` maps texts to scores.
     With `checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps and, when
-    `resume`, training continues from the latest one if it was written with the same params and
-    `run_key`. `on_step(step, metrics)` is called after every step (logging lives with the caller).
+    `resume`, training continues from the newest good one if it was written with the same params
+    and `run_key` (`PPOResult.skipped_checkpoints` says why newer ones were passed over).
+    `on_step(step, metrics)` is called after every step (logging lives with the caller).
     """
     # 0. Setup. Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader
     #    also zeroes dropout probabilities).
     model.eval()
-    attention = model.config._attn_implementation  # the hydra may switch it; restored at the end
-    bf16 = resolve_bf16(cfg.bf16)  # `auto`: only where the CPU has bf16 matmuls in hardware
-    hydra = Hydra(model, cfg.train_top_blocks, bf16=bf16)
-    params = [*hydra.trainable, *hydra.value_head.parameters()]
-    # CleanRL's eps. `fused`: one kernel per step instead of ~10 elementwise passes over the 7M
-    # trained weights, measured 3 ms instead of 12 ms per minibatch on 2 cores.
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5, fused=True)
-    kl_ctl: FixedKLController | AdaptiveKLController = (
-        AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        if cfg.adaptive_kl
-        else FixedKLController(cfg.init_kl_coef)
-    )
     pool = prompt_pool(tokenizer, texts, cfg.prompt_min_tokens)
     if not pool:
         raise TrainingError(f"no train text has more than {cfg.prompt_min_tokens} tokens")
-    result = PPOResult()
-    start = 0
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    # A checkpoint only resumes the run it came from: same params and same `run_key` (the caller's
-    # identity of model and reward). Anything else in the directory is stale and removed.
-    # (`bf16` as resolved: with `auto`, a checkpoint from a bf16 machine doesn't resume in fp32.)
-    key = f"{cfg.model_dump_json()}|{run_key}|bf16={bf16}"
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    if ckpt_dir is not None:
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is not None and resume and _fingerprint_of(latest) == fingerprint:
-            start, result.history = load_checkpoint(latest, hydra, optimizer, kl_ctl)
-            result.resumed_from = start
-        elif ckpt_dir.exists():
-            for old in ckpt_dir.glob("*step-*"):
-                shutil.rmtree(old, ignore_errors=True)
-    eos = tokenizer.eos_token_id
-
-    def autocast() -> torch.autocast:
-        # bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
-        # the hydra's bf16 copy); trained weights, optimizer state and the softmax stay fp32.
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-
-    for step in range(start, cfg.steps):
-        rng = _rng(cfg.seed, step)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        t0 = time.perf_counter()
-
-        # 1. Prompts: the first k tokens of random train tweets, left-padded.
-        query_ids, query_mask = draw_prompts(pool, tokenizer, cfg, rng)  # (B, Tq)
-
-        # 2. Rollout: KV-cache sampling from softmax(logits / T) (bf16 mode: from the all-bf16
-        #    copy, no autocast); the trunk's output is captured on the way, so no later forward
-        #    recomputes it.
-        s = sample(
-            hydra.sampling_model(),
-            query_ids,
-            query_mask,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            generator=gen,
-            capture_block=hydra.split,
+    bf16 = resolve_bf16(cfg.bf16)  # `auto`: only where the CPU has bf16 matmuls in hardware
+    attention = model.config._attn_implementation  # the hydra switches it for bf16 training
+    try:
+        hydra = Hydra(model, cfg.train_top_blocks, bf16=bf16)
+        trained = hydra.trained_parameters()
+        # CleanRL's eps. `fused`: one kernel per step instead of ~10 elementwise passes over the
+        # trained weights.
+        optimizer = torch.optim.Adam(
+            list(trained.values()), lr=cfg.learning_rate, eps=1e-5, fused=True
         )
-        response_ids, response_mask = s.response_ids, s.response_mask.float()  # (B, R)
-        # The last sampled token is never fed back, so the trunk saw Tq + R − 1 positions.
-        trunk = s.trunk  # (B, Tq+R−1, H)
-        input_ids = torch.cat([query_ids, response_ids[:, :-1]], dim=1)  # (B, Tq+R−1)
-        attention_mask = torch.cat(  # what sampling attended to: prompt mask, then all ones
-            [query_mask, torch.ones_like(response_ids[:, :-1])], dim=1
+        kl_ctl: FixedKLController | AdaptiveKLController = (
+            AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else FixedKLController(cfg.init_kl_coef)
         )
-        t1 = time.perf_counter()
+        result = PPOResult()
+        # A checkpoint resumes only the run it came from: same params, same `run_key` (the
+        # caller's identity of model and reward), same precision as resolved (`auto` differs per
+        # machine) and same trained weights; anything else in the directory is stale and removed.
+        run_id = fingerprint(
+            cfg.model_dump_json(),
+            run_key,
+            f"bf16={bf16}",
+            *(f"{name}{tuple(p.shape)}" for name, p in trained.items()),
+        )
+        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt_dir is not None and resume:
+            found = find_resumable(ckpt_dir, run_id)
+            result.skipped_checkpoints = found.skipped
+            if (ckpt := found.checkpoint) is not None:
+                hydra.load_trained(ckpt.weights)
+                optimizer.load_state_dict(ckpt.optimizer)
+                kl_ctl.value = ckpt.kl_coef
+                result.history, result.resumed_from = ckpt.history, ckpt.step
+        elif ckpt_dir is not None:
+            remove_checkpoints(ckpt_dir)
 
-        # 3. Score each response (or prompt + response) once, at its last token.
-        texts_out = [
-            tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-            for r, m in zip(response_ids, response_mask, strict=True)
-        ]
-        if cfg.score_on == "prompt_response":
-            prompts_txt = tokenizer.batch_decode(query_ids, skip_special_tokens=True)
-            texts_out = [p + r for p, r in zip(prompts_txt, texts_out, strict=True)]
-        score = torch.as_tensor(np.asarray(scorer(texts_out), dtype=np.float64)).float()  # (B,)
-        if not torch.isfinite(score).all():
-            raise TrainingError(f"step {step}: the reward returned NaN/inf; stopping")
-        raw_score = score.clone()
-        if cfg.missing_eos_penalty is not None:
-            # Missing-EOS penalty (TRL ppov2): a response cut at max_new_tokens loses this much.
-            no_eos = ~(response_ids == eos).any(1)
-            score = score - cfg.missing_eos_penalty * no_eos.float()
-        t2 = time.perf_counter()
+        for step in range(result.resumed_from, cfg.steps):
+            rng = _rng(cfg.seed, step)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            clock = _Clock()
 
-        # 4. Old log-probs and values (policy) and reference log-probs, without gradients.
-        #    Old log-probs are recomputed rather than taken from sampling, so the first PPO ratio
-        #    compares like with like (same full-sequence forward as training).
-        with torch.no_grad(), autocast():
-            old_logprobs, old_values, entropy = hydra(
-                input_ids, attention_mask, trunk, response_ids, cfg.temperature, entropy=True
-            )  # entropy of the sampling policy, logged (once per step, without a graph)
-            ref_logprobs, _, _ = hydra(
-                input_ids, attention_mask, trunk, response_ids, cfg.temperature, reference=True
+            # 1. Prompts: the first k tokens of random train tweets, left-padded.
+            query_ids, query_mask = draw_prompts(pool, tokenizer, cfg, rng)  # (B, Tq)
+
+            # 2. Rollout: sample responses, capturing the trunk's output on the way.
+            ep = sample_episodes(hydra, tokenizer, query_ids, query_mask, cfg, gen)
+            mask = ep.response_mask  # (B, R)
+            clock.lap("generate")
+
+            # 3. Score each response (or prompt + response) once, at its last token.
+            raw_score, score = score_episodes(scorer, tokenizer, ep, cfg, step)  # (B,) each
+            clock.lap("score")
+
+            # 4. Old log-probs, values and entropy (policy), and reference log-probs.
+            old_logprobs, old_values, entropy, ref_logprobs = evaluate_episodes(
+                hydra, ep, cfg.temperature
+            )  # (B, R) each
+            clock.lap("reference")
+
+            # 5. Rewards: −β·KL per token plus the score at the last real token (Ziegler et al.).
+            beta = kl_ctl.value
+            rewards, seq_kl = kl_rewards(score, old_logprobs, ref_logprobs, mask, beta)
+
+            # 6. Advantages by GAE(γ, λ); whitened per batch (trick: advantage normalisation).
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+            # 7. PPO epochs over shuffled minibatches.
+            update = ppo_epochs(
+                hydra, optimizer, ep, old_logprobs, old_values, advantages, returns, cfg, rng, step
             )
-        old_logprobs = old_logprobs * response_mask
-        ref_logprobs = ref_logprobs * response_mask
-        old_values = old_values * response_mask
-        t3 = time.perf_counter()
+            clock.lap("train")
 
-        # 5. Rewards: −β·KL per token plus the score at the last real token (Ziegler et al.).
-        rewards, seq_kl = kl_rewards(score, old_logprobs, ref_logprobs, response_mask, kl_ctl.value)
-
-        # 6. Advantages by GAE(γ, λ); whitened per batch (trick: advantage normalisation).
-        advantages, returns = gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, response_mask)
-
-        # 7. PPO epochs over shuffled minibatches: clipped policy + clipped value loss, gradient
-        #    clipping, skip a minibatch whose ratio exploded (TRL's ratio_threshold guard).
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")
-        }
-        skipped = 0
-        for _ in range(cfg.ppo_epochs):
-            order = rng.permutation(cfg.batch_size)
-            for mb_start in range(0, cfg.batch_size, cfg.minibatch_size):
-                mb = torch.as_tensor(order[mb_start : mb_start + cfg.minibatch_size])
-                mb_mask = response_mask[mb]
-                with autocast():
-                    mb_logprobs, mb_values, _ = hydra(
-                        input_ids[mb],
-                        attention_mask[mb],
-                        trunk[mb],
-                        response_ids[mb],
-                        cfg.temperature,
-                    )
-                pg_loss, clipfrac, approx_kl, mean_ratio = policy_loss(
-                    mb_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange
+            # 8. Adapt β to the measured sequence KL, log, checkpoint.
+            kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+            metrics = {
+                **objective_metrics(raw_score, score, seq_kl, rewards, beta),
+                "policy/entropy": masked_mean(entropy, mask).item(),
+                **update,
+                "val/explained_variance": explained_variance(old_values, returns, mask),
+                "response/length": mask.sum(1).mean().item(),
+                "response/eos_fraction": _ends_with_eos(ep, tokenizer).float().mean().item(),
+                **clock.laps,
+                "perf/episodes_per_s": cfg.batch_size / clock.total,
+                "perf/bf16": float(bf16),  # what `ppo.bf16` resolved to on this machine
+            }
+            result.history.append(metrics)
+            if on_step is not None:
+                on_step(step + 1, metrics)
+            if ckpt_dir is not None and (
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            ):
+                save_checkpoint(
+                    ckpt_dir,
+                    step + 1,
+                    trained,
+                    optimizer,
+                    fingerprint=run_id,
+                    kl_coef=kl_ctl.value,
+                    history=result.history,
                 )
-                vf_loss, vf_clipfrac = value_loss(
-                    mb_values, old_values[mb], returns[mb], mb_mask, cfg.cliprange_value
-                )
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"step {step}: the PPO loss is NaN/inf (policy {pg_loss.item()}, value "
-                        f"{vf_loss.item()}); stopping. The last good checkpoint is kept; lower "
-                        "ppo.learning_rate or raise ppo.init_kl_coef"
-                    )
-                if mean_ratio.item() > cfg.ratio_threshold:
-                    skipped += 1  # the update would be far off-policy: skip it, log it
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                stats["pg"].append(pg_loss.item())
-                stats["vf"].append(vf_loss.item())
-                stats["clipfrac"].append(clipfrac.item())
-                stats["approx_kl"].append(approx_kl.item())
-                stats["vf_clipfrac"].append(vf_clipfrac.item())
-        t4 = time.perf_counter()
-
-        # 8. Adapt β to the measured sequence KL, log, checkpoint.
-        mean_kl = seq_kl.mean().item()
-        beta = kl_ctl.value
-        kl_ctl.update(mean_kl, cfg.batch_size)
-        non_score = (rewards.sum(1) - score).mean().item()
-        metrics = {
-            "objective/reward": (score - beta * seq_kl).mean().item(),
-            "objective/reward_std": (score - beta * seq_kl).std().item(),
-            "objective/score": raw_score.mean().item(),
-            "objective/score_std": raw_score.std().item(),
-            "objective/kl": mean_kl,
-            "objective/non_score_reward": non_score,
-            "objective/beta": beta,
-            "policy/entropy": masked_mean(entropy, response_mask).item(),
-            "policy/clipfrac": _mean(stats["clipfrac"]),
-            "policy/approx_kl": _mean(stats["approx_kl"]),
-            "policy/skipped_minibatches": float(skipped),
-            "loss/policy": _mean(stats["pg"]),
-            "loss/value": _mean(stats["vf"]),
-            "val/clipfrac": _mean(stats["vf_clipfrac"]),
-            "val/explained_variance": explained_variance(old_values, returns, response_mask),
-            "response/length": response_mask.sum(1).mean().item(),
-            "response/eos_fraction": (response_ids == eos).any(1).float().mean().item(),
-            "time/generate": t1 - t0,
-            "time/score": t2 - t1,
-            "time/reference": t3 - t2,
-            "time/train": t4 - t3,
-            "perf/episodes_per_s": cfg.batch_size / (t4 - t0),
-            "perf/bf16": float(bf16),  # what `ppo.bf16` resolved to on this machine
-        }
-        result.history.append(metrics)
-        if on_step is not None:
-            on_step(step + 1, metrics)
-        if ckpt_dir is not None and (
-            (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
-        ):
-            save_checkpoint(
-                ckpt_dir, step + 1, hydra, optimizer, kl_ctl, result.history, fingerprint
-            )
-    model.set_attn_implementation(attention)
+    finally:
+        model.set_attn_implementation(attention)  # also when a step raises or is interrupted
     return result
+
+
+def sample_episodes(
+    hydra: Hydra,
+    tokenizer: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    cfg: PPOParams,
+    generator: torch.Generator,
+) -> Episodes:
+    """Step 2: KV-cache sampling from softmax(logits / T) (bf16 mode: from the all-bf16 copy, no
+    autocast). The trunk's output is captured on the way, so no later forward recomputes it."""
+    s = sample(
+        hydra.sampling_model(),
+        query_ids,
+        query_mask,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=generator,
+        capture_block=hydra.split,
+    )
+    # The last sampled token is never fed back, so the trunk saw Tq + R − 1 positions.
+    fed_back = s.response_ids[:, :-1]  # (B, R−1)
+    return Episodes(
+        query_ids=query_ids,
+        response_ids=s.response_ids,
+        response_mask=s.response_mask.float(),
+        input_ids=torch.cat([query_ids, fed_back], dim=1),
+        attention_mask=torch.cat([query_mask, torch.ones_like(fed_back)], dim=1),
+        trunk=s.trunk,
+    )
+
+
+def score_episodes(
+    scorer: Scorer, tokenizer: Any, ep: Episodes, cfg: PPOParams, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: (the scorer's score, the score the policy is trained on), each (B,). They differ
+    by the missing-EOS penalty (TRL ppov2): a response cut at max_new_tokens loses that much."""
+    texts = [
+        tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+        for r, m in zip(ep.response_ids, ep.response_mask, strict=True)
+    ]
+    if cfg.score_on == "prompt_response":
+        prompts = tokenizer.batch_decode(ep.query_ids, skip_special_tokens=True)
+        texts = [p + r for p, r in zip(prompts, texts, strict=True)]
+    raw_score = torch.as_tensor(np.asarray(scorer(texts), dtype=np.float64)).float()  # (B,)
+    if not torch.isfinite(raw_score).all():
+        raise TrainingError(f"step {step}: the reward returned NaN/inf; stopping")
+    if cfg.missing_eos_penalty is None:
+        return raw_score, raw_score
+    no_eos = ~_ends_with_eos(ep, tokenizer)
+    return raw_score, raw_score - cfg.missing_eos_penalty * no_eos.float()
+
+
+def _ends_with_eos(ep: Episodes, tokenizer: Any) -> torch.Tensor:
+    """(B,) whether each response stopped on EOS rather than at max_new_tokens."""
+    return (ep.response_ids == tokenizer.eos_token_id).any(1)
+
+
+def evaluate_episodes(
+    hydra: Hydra, ep: Episodes, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4, without gradients: the policy's log-probs, values and entropy, and the reference's
+    log-probs, each (B, R); log-probs and values are 0 on padding.
+
+    Old log-probs are recomputed rather than taken from sampling, so the first PPO ratio compares
+    like with like (same full-sequence forward as training). The entropy is of the sampling
+    policy, logged once per step.
+    """
+    args = (ep.input_ids, ep.attention_mask, ep.trunk, ep.response_ids, temperature)
+    with torch.no_grad(), _autocast(hydra.bf16):
+        logprobs, values, entropy = hydra(*args, entropy=True)
+        ref_logprobs, _, _ = hydra(*args, reference=True)
+    assert entropy is not None  # asked for above
+    mask = ep.response_mask
+    return logprobs * mask, values * mask, entropy, ref_logprobs * mask
+
+
+def ppo_epochs(
+    hydra: Hydra,
+    optimizer: torch.optim.Optimizer,
+    ep: Episodes,
+    b_logprobs: torch.Tensor,
+    b_values: torch.Tensor,
+    b_advantages: torch.Tensor,
+    b_returns: torch.Tensor,
+    cfg: PPOParams,
+    rng: np.random.Generator,
+    step: int,
+) -> dict[str, float]:
+    """Step 7: `cfg.ppo_epochs` passes over shuffled minibatches — clipped policy + clipped value
+    loss, gradient clipping, and TRL's ratio_threshold guard (a minibatch whose ratio exploded
+    is skipped). `b_*` are the (B, R) rollout tensors; returns the updates' mean statistics."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stats: dict[str, list[float]] = {
+        k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")
+    }
+    skipped = 0
+    for _ in range(cfg.ppo_epochs):
+        order = rng.permutation(cfg.batch_size)
+        for mb_start in range(0, cfg.batch_size, cfg.minibatch_size):
+            mb = torch.as_tensor(order[mb_start : mb_start + cfg.minibatch_size])
+            mb_mask = ep.response_mask[mb]
+            with _autocast(hydra.bf16):
+                mb_logprobs, mb_values, _ = hydra(
+                    ep.input_ids[mb],
+                    ep.attention_mask[mb],
+                    ep.trunk[mb],
+                    ep.response_ids[mb],
+                    cfg.temperature,
+                )
+            pg_loss, clipfrac, approx_kl, mean_ratio = policy_loss(
+                mb_logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.cliprange
+            )
+            vf_loss, vf_clipfrac = value_loss(
+                mb_values, b_values[mb], b_returns[mb], mb_mask, cfg.cliprange_value
+            )
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step}: the PPO loss is NaN/inf (policy {pg_loss.item()}, value "
+                    f"{vf_loss.item()}); stopping. The last good checkpoint is kept; lower "
+                    "ppo.learning_rate or raise ppo.init_kl_coef"
+                )
+            if mean_ratio.item() > cfg.ratio_threshold:
+                skipped += 1  # the update would be far off-policy: skip it, log it
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            stats["pg"].append(pg_loss.item())
+            stats["vf"].append(vf_loss.item())
+            stats["clipfrac"].append(clipfrac.item())
+            stats["approx_kl"].append(approx_kl.item())
+            stats["vf_clipfrac"].append(vf_clipfrac.item())
+    return {
+        "policy/clipfrac": _mean(stats["clipfrac"]),
+        "policy/approx_kl": _mean(stats["approx_kl"]),
+        "policy/skipped_minibatches": float(skipped),
+        "loss/policy": _mean(stats["pg"]),
+        "loss/value": _mean(stats["vf"]),
+        "val/clipfrac": _mean(stats["vf_clipfrac"]),
+    }
 
 
 def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else math.nan
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-# A checkpoint is a directory `step-000010/`: the trained weights (top blocks, final norm, value
-# head) as safetensors, and `state.pt` (optimizer, β, step, metric history, RNG states). It is
-# written under a temporary name and renamed, so a SIGKILL never leaves a half checkpoint.
-
-_KEEP = 2  # older checkpoints are deleted
+# --- reporting: metrics per step, and what the stage writes for DVC ----------------------------
 
 
-def _trainable_state(hydra: Hydra) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in hydra.model.named_parameters()}
-    state = {f"model.{names[id(p)]}": p.detach().contiguous() for p in hydra.trainable}
-    state.update({f"value_head.{k}": v for k, v in hydra.value_head.state_dict().items()})
-    return state
+class _Clock:
+    """Wall time of each phase of a step since the last lap, as `time/<phase>` metrics."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"time/{phase}"] = now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
 
 
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    hydra: Hydra,
-    optimizer: torch.optim.Optimizer,
-    kl_ctl: FixedKLController | AdaptiveKLController,
-    history: list[dict[str, float]],
-    fingerprint: str = "",
-) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `_KEEP`."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:06d}"
-    tmp = directory / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_trainable_state(hydra), tmp / "trainable.safetensors")
-    torch.save(
-        {
-            "step": step,
-            "fingerprint": fingerprint,
-            "optimizer": optimizer.state_dict(),
-            "kl_coef": kl_ctl.value,
-            "history": history,
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        tmp / "state.pt",
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(directory.glob("step-*"))[:-_KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories are ignored), or None."""
-    done = sorted(p for p in directory.glob("step-*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
-
-
-def _fingerprint_of(path: Path) -> str:
-    return str(torch.load(path / "state.pt", weights_only=False).get("fingerprint", ""))
-
-
-def load_checkpoint(
-    path: Path,
-    hydra: Hydra,
-    optimizer: torch.optim.Optimizer,
-    kl_ctl: FixedKLController | AdaptiveKLController,
-) -> tuple[int, list[dict[str, float]]]:
-    """Restore weights, optimizer, β and RNG states; returns (step, history)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(hydra.model.named_parameters())
-    with torch.no_grad():
-        for key, value in weights.items():
-            if key.startswith("model."):
-                params[key.removeprefix("model.")].copy_(value)
-    hydra.value_head.load_state_dict(
-        {
-            k.removeprefix("value_head."): v
-            for k, v in weights.items()
-            if k.startswith("value_head.")
-        }
-    )
-    state = torch.load(path / "state.pt", weights_only=False)  # our own file, written above
-    optimizer.load_state_dict(state["optimizer"])
-    kl_ctl.value = state["kl_coef"]
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return int(state["step"]), list(state["history"])
-
-
-# --- reporting: what the stage writes for DVC and checks resumes against -----------------------
+def objective_metrics(
+    raw_score: torch.Tensor,
+    score: torch.Tensor,
+    seq_kl: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+) -> dict[str, float]:
+    """`objective/*`: the KL-penalised reward the policy maximises, its parts, and this step's β."""
+    reward = score - beta * seq_kl  # (B,)
+    return {
+        "objective/reward": reward.mean().item(),
+        "objective/reward_std": reward.std().item(),
+        "objective/score": raw_score.mean().item(),
+        "objective/score_std": raw_score.std().item(),
+        "objective/kl": seq_kl.mean().item(),
+        "objective/non_score_reward": (rewards.sum(1) - score).mean().item(),
+        "objective/beta": beta,
+    }
 
 
 def summarise(history: list[dict[str, float]]) -> dict[str, float]:
@@ -823,17 +861,3 @@ def summarise(history: list[dict[str, float]]) -> dict[str, float]:
         "objective/kl_last10": sum(h["objective/kl"] for h in tail) / len(tail),
         "ppo/steps": float(len(history)),
     }
-
-
-def content_hash(*paths: str) -> str:
-    """Content hash of the inputs a checkpoint depends on (SFT weights, reward spec): a resumed
-    run must continue the same problem. Hashing ~0.5 GB takes a second or two."""
-    h = hashlib.sha256()
-    for root in map(Path, paths):
-        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
-            if f.is_file():
-                h.update(f.name.encode())
-                with f.open("rb") as fh:
-                    while chunk := fh.read(1 << 22):
-                        h.update(chunk)
-    return h.hexdigest()[:16]

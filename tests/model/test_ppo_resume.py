@@ -15,9 +15,10 @@ import tiny
 import torch
 
 import upbeat.models
+from upbeat.checkpoints import latest_checkpoint
 from upbeat.config import load_params
 from upbeat.models import load_policy
-from upbeat.ppo import latest_checkpoint, train
+from upbeat.ppo import train
 
 ROOT = Path(__file__).resolve().parents[2]
 UPDATE = dict(
