@@ -1,13 +1,27 @@
-"""PPO checkpoints: save, find the one to resume from, load.
+"""PPO checkpoints that load without running code, and resume from the newest good one.
 
-A checkpoint is a directory `step-000010/`: the trained weights (top blocks, final norm, value
-head) as safetensors, and `state.pt` (optimizer, β, step, metric history, fingerprint). It is
-written under a temporary name and renamed, so a SIGKILL never leaves a half checkpoint.
+A checkpoint is a directory `step-000010/`:
+- `trainable.safetensors`: the trained weights by name (top blocks, final norm, value head);
+- `optimizer.safetensors`: the optimizer's per-parameter tensors, named `<param index>.<key>`
+  (Adam: step, exp_avg, exp_avg_sq);
+- `state.json`: step, fingerprint, β, the metric history so far, the optimizer's param groups
+  (its hyper-parameters) and the sha256 of both tensor files.
+
+Nothing is pickled: safetensors and JSON parsers build tensors and plain values and run no code, so
+a planted or tampered checkpoint can at worst fail to load. (`torch.load(weights_only=True)` would
+also refuse code for the optimizer's dict, but it is still an unpickler guarded by an allow-list;
+"no pickle in a checkpoint" is one rule to audit, for the cost of flattening Adam's state.)
+
+Writes go to a temporary directory, each file fsynced and `state.json` last, which is then
+renamed. Where rename is atomic a killed save leaves only a `.tmp-*` directory; where it is not,
+or the disk filled up, a checkpoint can be truncated or damaged: the hashes in `state.json` catch
+that.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -16,15 +30,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
-WEIGHTS, STATE = "trainable.safetensors", "state.pt"
-KEEP = 2  # older checkpoints are deleted
+from upbeat.errors import UpbeatError
+
+WEIGHTS, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"
+KEEP = 2  # the newest two: if the last write is damaged, the one before it resumes
+_STATE_TYPES = {
+    "step": int,
+    "fingerprint": str,
+    "kl_coef": float,
+    "history": list,
+    "param_groups": list,
+    "sha256": dict,
+}
+
+
+class CheckpointError(UpbeatError):
+    """A checkpoint cannot be used: a file is missing, truncated or damaged."""
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read back."""
+    """A checkpoint read back whole: every file present and matching its hash."""
 
     step: int
     fingerprint: str
@@ -62,6 +91,9 @@ def content_hash(*paths: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+# --- writing ------------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
@@ -72,21 +104,27 @@ def save_checkpoint(
     kl_coef: float,
     history: list[dict[str, float]],
 ) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `KEEP`."""
+    """Write checkpoint `step` (complete or not at all, where rename is atomic); keep the newest
+    `KEEP`."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
     tmp = directory / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+    optimizer_tensors, param_groups = _flatten_optimizer(optimizer.state_dict())
+    sha256 = {
+        WEIGHTS: _write(tmp / WEIGHTS, save_tensors(_plain(weights))),
+        OPTIMIZER: _write(tmp / OPTIMIZER, save_tensors(optimizer_tensors)),
+    }
     state = {
         "step": step,
         "fingerprint": fingerprint,
-        "optimizer": optimizer.state_dict(),
         "kl_coef": kl_coef,
         "history": history,
+        "param_groups": param_groups,
+        "sha256": sha256,
     }
-    torch.save(state, tmp / STATE)
+    _write(tmp / STATE, json.dumps(state).encode())  # last: a checkpoint without it is incomplete
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -94,33 +132,73 @@ def save_checkpoint(
     return final
 
 
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous tensors: what safetensors can serialise."""
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
+
+
+def _write(path: Path, data: bytes) -> str:
+    """Write `data` to `path` and fsync it (so a rename after it never publishes an empty file on
+    ext4 and kin); return its sha256 for `state.json`."""
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _flatten_optimizer(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer state dict as named tensors (`<param index>.<key>`) plus its param groups."""
+    tensors = {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {index}.{key} is not a tensor: cannot store it")
+            tensors[f"{index}.{key}"] = value.contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], param_groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The inverse of `_flatten_optimizer`. JSON has no tuples: hyper-parameters that were tuples
+    (Adam's betas) come back as lists and are turned back."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in param_groups
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories are ignored), or None."""
+    """The newest checkpoint with a `state.json` (not yet verified), or None."""
     done = [path for _, path in _checkpoints(directory) if (path / STATE).is_file()]
     return done[-1] if done else None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint back."""
-    state = torch.load(path / STATE, weights_only=False)  # our own file, written above
-    return Checkpoint(
-        step=int(state["step"]),
-        fingerprint=str(state["fingerprint"]),
-        kl_coef=float(state["kl_coef"]),
-        history=list(state["history"]),
-        weights=load_file(path / WEIGHTS),
-        optimizer=state["optimizer"],
-    )
+    """Read and verify a whole checkpoint; raises `CheckpointError` naming the bad file."""
+    return _load(path, _read_state(path))
 
 
 def find_resumable(directory: Path, fingerprint: str) -> Resumable:
     """The latest checkpoint if this run (same `fingerprint`) wrote it; otherwise every
     checkpoint in `directory` is stale and deleted, and the run starts over."""
+    _remove(directory.glob(".tmp-step-*"))  # what a save killed before its rename leaves
     latest = latest_checkpoint(directory)
     if latest is not None:
-        checkpoint = load_checkpoint(latest)
-        if checkpoint.fingerprint == fingerprint:
-            return Resumable(checkpoint)
+        state = _read_state(latest)
+        if state["fingerprint"] == fingerprint:
+            return Resumable(_load(latest, state))
     remove_checkpoints(directory)
     return Resumable()
 
@@ -139,3 +217,50 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def _remove(paths: Iterable[Path]) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """`state.json`, checked for the keys a checkpoint needs and their types."""
+    file = path / STATE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing (a write cut short, or a checkpoint from an older upbeat: its "
+            "pickled state.pt is never loaded)"
+        )
+    try:
+        state = json.loads(file.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{file} is truncated or damaged ({exc})") from None
+    if not isinstance(state, dict):
+        state = {}
+    bad = [key for key, kind in _STATE_TYPES.items() if not isinstance(state.get(key), kind)]
+    if bad:
+        raise CheckpointError(f"{file} lacks a valid {', '.join(bad)}")
+    return state
+
+
+def _load(path: Path, state: dict[str, Any]) -> Checkpoint:
+    """The tensors of checkpoint `path` (checked against `state`'s hashes) and its state."""
+    optimizer = _read_tensors(path / OPTIMIZER, state["sha256"])
+    return Checkpoint(
+        step=state["step"],
+        fingerprint=state["fingerprint"],
+        kl_coef=state["kl_coef"],
+        history=state["history"],
+        weights=_read_tensors(path / WEIGHTS, state["sha256"]),
+        optimizer=_unflatten_optimizer(optimizer, state["param_groups"]),
+    )
+
+
+def _read_tensors(file: Path, sha256: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A safetensors file whose bytes hash to what `state.json` recorded at save time."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != sha256.get(file.name):
+        raise CheckpointError(
+            f"{file} is truncated or damaged ({len(data)} bytes; its sha256 differs from the "
+            "one state.json recorded)"
+        )
+    return load_tensors(data)

@@ -107,7 +107,7 @@ def test_sigkilled_run_resumes_to_the_same_end(tiny_llama, tmp_path, one_thread)
 def test_half_written_checkpoint_is_ignored(tiny_llama, tmp_path, one_thread):
     ckpt = tmp_path / "ckpt"
     (ckpt / ".tmp-step-000004-123").mkdir(parents=True)  # what a kill mid-save leaves behind
-    (ckpt / "step-000004").mkdir()  # no state.pt: incomplete, must not be resumed from
+    (ckpt / "step-000004").mkdir()  # no state.json: incomplete, must not be resumed from
     result, _ = _run(tiny_llama, ckpt)
     assert result.resumed_from == 0
     assert os.path.isfile(latest_checkpoint(ckpt) / "trainable.safetensors")
