@@ -62,8 +62,12 @@ def main() -> None:
             run_key=content_hash(args.sft, args.reward_spec),
             on_step=on_step,
         )
+        skipped = "; ".join(result.skipped_checkpoints)  # newer checkpoints found corrupt
         if result.resumed_from:
-            progress.phase(f"resumed from checkpoint at step {result.resumed_from}")
+            note = f" ({skipped})" if skipped else ""
+            progress.phase(f"resumed from checkpoint at step {result.resumed_from}{note}")
+        elif skipped:
+            progress.phase(f"no usable checkpoint, started over ({skipped})")
         save_policy(model, tokenizer, args.out)
         write_csv(args.curve, [{"step": i + 1, **row} for i, row in enumerate(result.history)])
         metrics = summarise(result.history)

@@ -15,7 +15,7 @@ also refuse code for the optimizer's dict, but it is still an unpickler guarded 
 Writes go to a temporary directory, each file fsynced and `state.json` last, which is then
 renamed. Where rename is atomic a killed save leaves only a `.tmp-*` directory; where it is not,
 or the disk filled up, a checkpoint can be truncated or damaged: the hashes in `state.json` catch
-that.
+that, and `find_resumable` falls back to the older checkpoint (two are kept) or starts over.
 """
 
 from __future__ import annotations
@@ -191,16 +191,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def find_resumable(directory: Path, fingerprint: str) -> Resumable:
-    """The latest checkpoint if this run (same `fingerprint`) wrote it; otherwise every
-    checkpoint in `directory` is stale and deleted, and the run starts over."""
+    """The newest checkpoint of this run (same `fingerprint`) that reads back whole.
+
+    Newer ones that are missing a file, truncated or damaged are passed over, each with a line
+    saying why, and deleted (so that keeping the newest two never keeps them instead of a good
+    one). When none is good, or the newest readable one is another run's, every checkpoint in
+    `directory` is deleted and the run starts over.
+    """
     _remove(directory.glob(".tmp-step-*"))  # what a save killed before its rename leaves
-    latest = latest_checkpoint(directory)
-    if latest is not None:
-        state = _read_state(latest)
-        if state["fingerprint"] == fingerprint:
-            return Resumable(_load(latest, state))
+    found = Resumable()
+    passed_over = []
+    for step, path in reversed(_checkpoints(directory)):
+        try:
+            state = _read_state(path)
+            if state["fingerprint"] != fingerprint:
+                break  # another run's (other params, inputs or precision): stale like the rest
+            found.checkpoint = _load(path, state)
+        except CheckpointError as exc:
+            found.skipped.append(f"step {step} was corrupt: {exc}")
+            passed_over.append(path)
+            continue
+        _remove(passed_over)
+        return found
     remove_checkpoints(directory)
-    return Resumable()
+    return found
 
 
 def remove_checkpoints(directory: Path) -> None:

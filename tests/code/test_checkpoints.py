@@ -1,10 +1,12 @@
-"""Checkpoint files (upbeat/checkpoints.py): exact round trip, nothing unpickled."""
+"""Checkpoint files (upbeat/checkpoints.py): exact round trip, no pickle, fallback past damage."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ import torch
 from torch import nn
 
 from upbeat.checkpoints import (
+    OPTIMIZER,
+    STATE,
+    WEIGHTS,
+    CheckpointError,
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
@@ -88,6 +94,57 @@ def test_only_the_newest_two_are_kept(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "step-000006"
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5] ^= 0xFF  # inside the last tensor's data: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def _zero_length(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+# Each kind of damage a kill or a full disk can leave, on each file; `needle` is in the message.
+DAMAGE: list[tuple[str, Callable[[Path], None], str]] = [
+    (WEIGHTS, _truncate, "trainable.safetensors is truncated or damaged"),
+    (WEIGHTS, _flip_a_byte, "trainable.safetensors is truncated or damaged"),
+    (OPTIMIZER, _zero_length, "optimizer.safetensors is truncated or damaged"),
+    (OPTIMIZER, Path.unlink, "optimizer.safetensors cannot be read"),
+    (STATE, _truncate, "state.json is truncated or damaged"),
+    (STATE, Path.unlink, "state.json is missing"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "needle"), DAMAGE)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, name, damage, needle):
+    _two_checkpoints(tmp_path)
+    damage(tmp_path / "step-000004" / name)
+    with pytest.raises(CheckpointError, match=needle):
+        load_checkpoint(tmp_path / "step-000004")
+
+    found = find_resumable(tmp_path, RUN)
+    assert found.checkpoint is not None and found.checkpoint.step == 2
+    assert len(found.skipped) == 1
+    assert found.skipped[0].startswith("step 4 was corrupt:") and needle in found.skipped[0]
+    # The damaged one is gone, so the next save's pruning cannot keep it over a good one.
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]
+
+
+def test_all_damaged_starts_over_and_says_why(tmp_path):
+    _two_checkpoints(tmp_path)
+    _truncate(tmp_path / "step-000004" / WEIGHTS)
+    (tmp_path / "step-000002" / STATE).write_text(json.dumps({"step": 2}))
+    found = find_resumable(tmp_path, RUN)
+    assert found.checkpoint is None
+    assert [s.split(":")[0] for s in found.skipped] == ["step 4 was corrupt", "step 2 was corrupt"]
+    assert "lacks a valid fingerprint, kl_coef" in found.skipped[1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_another_runs_checkpoints_are_removed_silently(tmp_path):
     _two_checkpoints(tmp_path)
     (tmp_path / ".tmp-step-000006-123").mkdir()  # a save killed before its rename
@@ -118,6 +175,22 @@ def _plant_pickle(path: Path, marker: Path, spare: Path) -> None:
     """A pickle that runs code when loaded, plus a spare copy to prove that it does."""
     torch.save({"step": 4, "fingerprint": RUN, "optimizer": _RunsCode(marker)}, path)
     shutil.copy(path, spare)
+
+
+def test_a_pickled_checkpoint_is_refused_without_running_it(tmp_path):
+    ckpt, marker, spare = tmp_path / "ckpt", tmp_path / "ran", tmp_path / "spare.pt"
+    (ckpt / "step-000004").mkdir(parents=True)
+    _plant_pickle(ckpt / "step-000004" / "state.pt", marker, spare)  # an older upbeat's layout
+
+    found = find_resumable(ckpt, RUN)
+
+    assert found.checkpoint is None  # starts over, and says why
+    assert found.skipped[0].startswith("step 4 was corrupt:")
+    assert "state.json is missing" in found.skipped[0]
+    assert "pickled state.pt is never loaded" in found.skipped[0]
+    assert not marker.exists()
+    torch.load(spare, weights_only=False)  # the plant was live: loading it does run code
+    assert marker.exists()
 
 
 def test_pickles_beside_a_good_checkpoint_are_never_opened(tmp_path):

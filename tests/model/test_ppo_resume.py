@@ -134,3 +134,61 @@ def test_checkpoint_of_the_other_precision_is_not_resumed(
     monkeypatch.setattr(upbeat.models, "native_bf16", lambda: False)
     other, _ = _run(tiny_llama, ckpt, steps=2, bf16="auto")
     assert other.resumed_from == 0 and other.history[-1]["perf/bf16"] == 0.0
+
+
+class Stop(Exception):
+    """Stands for a run stopped after step 5 was logged, before it was checkpointed."""
+
+
+def _stopped_run(model_dir: Path, ckpt: Path) -> None:
+    """A run of UPDATE stopped in step 5: leaves checkpoints at steps 2 and 4."""
+
+    def stop_at_5(step, metrics):
+        if step == 5:
+            raise Stop
+
+    model, tok = load_policy(str(model_dir))
+    cfg = load_params(ROOT / "params.yaml").ppo.model_copy(update=UPDATE)
+    with pytest.raises(Stop):
+        train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir=ckpt, on_step=stop_at_5)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_older_one(tiny_llama, tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    _stopped_run(tiny_llama, ckpt)
+    weights = ckpt / "step-000004" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # killed mid-write without atomic rename
+
+    resumed, resumed_model = _run(tiny_llama, ckpt)
+    straight, straight_model = _run(tiny_llama, None)
+
+    assert resumed.resumed_from == 2
+    assert len(resumed.skipped_checkpoints) == 1
+    assert resumed.skipped_checkpoints[0].startswith("step 4 was corrupt:")
+    assert "trainable.safetensors is truncated or damaged" in resumed.skipped_checkpoints[0]
+    assert _deterministic(resumed.history) == _deterministic(straight.history)
+    for (name, a), b in zip(
+        resumed_model.named_parameters(), straight_model.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_all_checkpoints_corrupt_starts_over_and_says_so(tiny_llama, tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    _stopped_run(tiny_llama, ckpt)
+    (ckpt / "step-000004" / "optimizer.safetensors").write_bytes(b"")  # a full disk
+    (ckpt / "step-000002" / "state.json").write_text('{"step": 2, "fingerpr')
+
+    again, _ = _run(tiny_llama, ckpt)
+    straight, _ = _run(tiny_llama, None)
+
+    assert again.resumed_from == 0
+    assert [s.split(":")[0] for s in again.skipped_checkpoints] == [
+        "step 4 was corrupt",
+        "step 2 was corrupt",
+    ]
+    assert "optimizer.safetensors is truncated or damaged" in again.skipped_checkpoints[0]
+    assert "state.json is truncated or damaged" in again.skipped_checkpoints[1]
+    assert _deterministic(again.history) == _deterministic(straight.history)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000004", "step-000005"]
