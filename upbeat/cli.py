@@ -411,5 +411,90 @@ def ui(
         subprocess.run(cmd, cwd=root, check=False)
 
 
+# --- the local team stack --------------------------------------------------------------------
+
+stack_app = typer.Typer(
+    help="A local stack of real servers on 127.0.0.1: PostgreSQL, S3 (moto), MLflow, Prefect.",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+StackDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir", help="Stack folder [default: $UPBEAT_STACK_DIR or <project>/.upbeat-stack]."
+    ),
+]
+
+
+def _stack_project(folder: Path | None) -> Path:
+    """The project the stack belongs to; with an explicit folder, none is needed."""
+    import os
+
+    if folder is not None or os.environ.get("UPBEAT_STACK_DIR"):
+        return Path.cwd()
+    return project()
+
+
+@stack_app.command("up")
+def stack_up(
+    folder: StackDir = None,
+    s3_port: Annotated[int | None, typer.Option(help="[default: 9000]")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="[default: 5001]")] = None,
+    prefect_port: Annotated[int | None, typer.Option(help="[default: 4201]")] = None,
+) -> None:
+    """Start the servers that are not running, and wait until each answers."""
+    from upbeat import stack
+
+    ports = {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}
+    with user_errors(), console.status("starting the stack"):
+        cfg, outcome = stack.up(_stack_project(folder), folder, ports)
+    if all(text.startswith("already running") for text in outcome.values()):
+        console.print(f"the stack in {cfg.root} is already running", highlight=False)
+    for name, text in outcome.items():
+        console.print(f"  {name:9} {text}", highlight=False)
+    console.print("`upbeat stack status` prints the variables that point a shell at it")
+
+
+@stack_app.command("down")
+def stack_down(folder: StackDir = None) -> None:
+    """Stop the servers `upbeat stack up` started (data stays in the stack folder)."""
+    from upbeat import stack
+
+    with user_errors(), console.status("stopping the stack"):
+        outcome = stack.down(_stack_project(folder), folder)
+    for name, text in outcome.items():
+        console.print(f"  {name:9} {text}", highlight=False)
+
+
+@stack_app.command("status")
+def stack_status(
+    folder: StackDir = None,
+    exports: Annotated[
+        bool, typer.Option("--exports", help="Print only the export lines (for `eval`).")
+    ] = False,
+) -> None:
+    """What runs where, and the `export` lines that point a shell at it (credentials included)."""
+    from upbeat import stack
+
+    root = _stack_project(folder)
+    with user_errors():
+        lines = stack.exports(root, folder)
+        if exports:
+            print("\n".join(lines))
+            return
+        cfg, rows = stack.status(root, folder)
+    console.print(f"stack in {cfg.root}", highlight=False)
+    for row in rows:
+        state = "[green]running[/]" if row["answers"] else "[red]stopped[/]"
+        if row["running"] and not row["answers"]:
+            state = "[yellow]running, not answering[/]"
+        pid = f"pid {row['pid']}" if row["pid"] else ""
+        console.print(f"  {row['name']:9} {state} {pid} {row['url']}", highlight=False)
+        console.print(f"  {'':9} [dim]data: {row['data']}[/]", highlight=False, soft_wrap=True)
+    if lines:
+        console.print('# point a shell at the stack: eval "$(upbeat stack status --exports)"')
+        print("\n".join(lines))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,288 @@
+"""A local team stack of real servers on 127.0.0.1, in a folder of its own (`upbeat stack`).
+
+PostgreSQL (databases for MLflow, its auth, and Prefect) → an S3 endpoint (moto's server) →
+the MLflow tracking server (registry in PostgreSQL, artifacts proxied to S3, basic auth on) →
+the Prefect server (on PostgreSQL) → a worker polling the `upbeat` process work pool.
+
+`up` starts, in that order, whichever of them is not running and waits until each answers;
+`down` stops, in reverse order, only what `up` started (the pid files in `run/`); `status` says
+what runs where and which variables point a client at it (`config.client_env`). The stack's data
+survives `down`/`up`: PostgreSQL's on disk, the buckets through a snapshot (see `s3`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from upbeat.stack import postgres, s3, servers
+from upbeat.stack.config import (
+    DEFAULT_PORTS,
+    WORK_POOL,
+    Secrets,
+    StackConfig,
+    StackError,
+    client_env,
+    export_lines,
+    load_secrets,
+    port_env,
+    resolve,
+)
+from upbeat.stack.procs import (
+    Record,
+    alive,
+    launch,
+    port_taken,
+    read_record,
+    remove_record,
+    stop,
+    wait_ready,
+    write_record,
+)
+
+__all__ = [
+    "NAMES",
+    "WORK_POOL",
+    "StackConfig",
+    "StackError",
+    "client_env",
+    "down",
+    "export_lines",
+    "resolve",
+    "status",
+    "up",
+]
+
+NAMES = ("postgres", "s3", "mlflow", "prefect", "worker")
+"""Start order; `down` goes the other way."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How to start one server and tell that it answers."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    url: str
+    ready: Callable[[], Any]
+    timeout: float
+    before: Callable[[], Any] = lambda: None
+    after: Callable[[], Any] = lambda: None
+    user: Any = None
+
+
+def _spec(name: str, cfg: StackConfig, sec: Secrets) -> _Spec:
+    log = cfg.logs / f"{name}.log"
+    if name == "postgres":
+        return _Spec(
+            cmd=postgres.command(cfg),
+            env=servers.base_env(),
+            url=f"unix socket in {postgres.socket_dir(cfg)}",
+            ready=lambda: postgres.ready(cfg),
+            timeout=60,
+            before=lambda: postgres.init(cfg, log),
+            after=lambda: postgres.ensure_databases(cfg),
+            user=postgres.run_user(),
+        )
+    if name == "s3":
+        return _Spec(
+            cmd=s3.command(cfg),
+            env=servers.base_env(),
+            url=cfg.s3_url,
+            ready=lambda: s3.ready(cfg),
+            timeout=60,
+            after=lambda: s3.restore(cfg, sec),
+        )
+    if name == "mlflow":
+        return _Spec(
+            cmd=servers.mlflow_command(cfg),
+            env=servers.mlflow_env(cfg, sec),
+            url=cfg.mlflow_url,
+            ready=lambda: servers.mlflow_ready(cfg),
+            timeout=180,
+            before=lambda: servers.write_mlflow_auth_ini(cfg, sec),
+        )
+    if name == "prefect":
+        return _Spec(
+            cmd=servers.prefect_command(cfg),
+            env=servers.prefect_env(cfg, sec),
+            url=cfg.prefect_api,
+            ready=lambda: servers.prefect_ready(cfg),
+            timeout=180,
+            after=lambda: servers.ensure_pool(cfg, sec),
+        )
+    return _Spec(
+        cmd=servers.worker_command(),
+        env=servers.worker_env(cfg, sec),
+        url=f"work pool {WORK_POOL!r}",
+        ready=lambda: servers.online_workers(cfg, sec),
+        timeout=120,
+    )
+
+
+def _port_key(name: str) -> str | None:
+    return name if name in DEFAULT_PORTS else None
+
+
+@contextlib.contextmanager
+def _locked(cfg: StackConfig) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(cfg.root / ".lock", timeout=0):
+            yield
+    except Timeout:
+        raise StackError(
+            f"another `upbeat stack` command is working on {cfg.root}: wait for it to finish"
+        ) from None
+
+
+def _running(cfg: StackConfig) -> tuple[StackConfig, dict[str, Record]]:
+    """Live servers by name, and the config with their actual ports (they keep theirs)."""
+    live = {n: r for n in NAMES if alive(r := read_record(cfg.run, n)) and r is not None}
+    ports = cfg.ports()
+    for name, rec in live.items():
+        if (key := _port_key(name)) and rec.port:
+            ports[key] = rec.port
+    return cfg.with_ports(ports), live
+
+
+def _start(name: str, cfg: StackConfig, sec: Secrets) -> Record:
+    spec = _spec(name, cfg, sec)
+    log = cfg.logs / f"{name}.log"
+    spec.before()
+    (cfg.root / "prefect").mkdir(exist_ok=True)  # PREFECT_HOME of the server and the worker
+    pid, started = launch(spec.cmd, env=spec.env, log=log, cwd=cfg.root, user=spec.user)
+    key = _port_key(name)
+    rec = Record(name, pid, started, spec.url, str(log), cfg.ports()[key] if key else None)
+    write_record(cfg.run, rec)
+    try:
+        wait_ready(name, spec.ready, rec, log, spec.timeout)
+        spec.after()
+    except BaseException:
+        stop(rec, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        remove_record(cfg.run, name)
+        raise
+    return rec
+
+
+def _stop(name: str, rec: Record, cfg: StackConfig, sec: Secrets | None) -> str:
+    if name == "s3" and sec is not None:
+        try:
+            kept = s3.snapshot(cfg, sec)
+        except Exception as exc:
+            raise StackError(
+                f"could not copy the buckets from {cfg.s3_url} into {s3.snapshot_dir(cfg)} "
+                f"({exc}); the S3 server (pid {rec.pid}) is left running so nothing is lost: "
+                "fix the cause and run `upbeat stack down` again"
+            ) from exc
+        stop(rec)
+        return f"stopped (pid {rec.pid}); {kept} objects kept in {s3.snapshot_dir(cfg)}"
+    stop(rec, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+    return f"stopped (pid {rec.pid})"
+
+
+def up(
+    project: Path, root: Path | None = None, ports: dict[str, int | None] | None = None
+) -> tuple[StackConfig, dict[str, str]]:
+    """Start whatever of the stack is not running; returns the config and what happened to each.
+
+    Raises StackError, before starting anything, if a port it needs is taken, and if a server
+    does not come up (the servers this call started are stopped again).
+    """
+    cfg = resolve(project, root, ports)
+    with _locked(cfg):
+        cfg, live = _running(cfg)
+        outcome = {n: f"already running (pid {rec.pid})" for n, rec in live.items()}
+        todo = [n for n in NAMES if n not in live]
+        for name in todo:
+            key = _port_key(name)
+            if key and (holder := port_taken(cfg.ports()[key])):
+                raise StackError(
+                    f"port {cfg.ports()[key]} on 127.0.0.1, wanted by the stack's {name} server, "
+                    f"is in use by {holder}: stop that process, or choose another port with "
+                    f"--{key}-port or {port_env(key)}"
+                )
+        if not todo:
+            return cfg, outcome
+        sec = load_secrets(cfg, create=True)
+        assert sec is not None
+        cfg.logs.mkdir(parents=True, exist_ok=True)
+        cfg.save()
+        started: list[tuple[str, Record]] = []
+        try:
+            for name in todo:
+                started.append((name, _start(name, cfg, sec)))
+                outcome[name] = f"started (pid {started[-1][1].pid})"
+        except BaseException:
+            for name, rec in reversed(started):
+                with contextlib.suppress(Exception):
+                    _stop(name, rec, cfg, sec)
+                remove_record(cfg.run, name)
+            raise
+    return cfg, {n: outcome[n] for n in NAMES}
+
+
+def down(project: Path, root: Path | None = None) -> dict[str, str]:
+    """Stop, in reverse start order, the servers whose pid files `up` wrote."""
+    cfg = resolve(project, root)
+    sec = load_secrets(cfg)
+    outcome: dict[str, str] = {}
+    with _locked(cfg):
+        cfg, live = _running(cfg)
+        for name in reversed(NAMES):
+            rec = read_record(cfg.run, name)
+            if rec is None:
+                outcome[name] = "not running"
+                continue
+            if name in live:
+                outcome[name] = _stop(name, rec, cfg, sec)
+            else:
+                outcome[name] = "was not running (stale pid file removed)"
+            remove_record(cfg.run, name)
+    return {n: outcome[n] for n in NAMES}
+
+
+def status(project: Path, root: Path | None = None) -> tuple[StackConfig, list[dict[str, Any]]]:
+    """Per server: running, pid, url, data location, whether it answers now."""
+    cfg = resolve(project, root)
+    cfg, live = _running(cfg)
+    sec = load_secrets(cfg)
+    data = {
+        "postgres": postgres.data_location(cfg),
+        "s3": s3.data_location(cfg),
+        "mlflow": "PostgreSQL database mlflow; artifacts in s3://upbeat-mlflow/artifacts",
+        "prefect": "PostgreSQL database prefect",
+        "worker": f"polls work pool {WORK_POOL!r}; runs flows with the client variables below",
+    }
+    rows = []
+    for name in NAMES:
+        rec = live.get(name)
+        answers = False
+        if rec is not None and sec is not None:
+            with contextlib.suppress(Exception):
+                answers = bool(_spec(name, cfg, sec).ready())
+        rows.append(
+            {
+                "name": name,
+                "running": rec is not None,
+                "answers": answers,
+                "pid": rec.pid if rec else None,
+                "url": rec.url if rec else "-",
+                "data": data[name],
+                "log": str(cfg.logs / f"{name}.log"),
+            }
+        )
+    return cfg, rows
+
+
+def exports(project: Path, root: Path | None = None) -> list[str]:
+    """The `export` lines for a shell (empty before the first `up` generated credentials)."""
+    cfg, _ = _running(resolve(project, root))
+    sec = load_secrets(cfg)
+    return export_lines(client_env(cfg, sec)) if sec else []

@@ -1,0 +1,173 @@
+"""The MLflow tracking server, the Prefect server and a Prefect worker: commands, environments and
+the probes that say each one answers.
+
+Secrets travel in the environment of each process (readable only by its owner), never on a
+command line, which `ps` and the pid files show.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from upbeat.stack import postgres
+from upbeat.stack.config import (
+    HOST,
+    MLFLOW_BUCKET,
+    REGION,
+    WORK_POOL,
+    Secrets,
+    StackConfig,
+    StackError,
+    client_env,
+)
+
+# Variables a caller's shell may hold that would point a server at another stack.
+_FOREIGN = ("MLFLOW_", "PREFECT_", "AWS_")
+
+
+def base_env() -> dict[str, str]:
+    """The caller's environment without MLflow, Prefect and AWS settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def http_json(
+    url: str, auth: str | None = None, body: dict[str, Any] | None = None, timeout: float = 5
+) -> tuple[int, Any]:
+    """(status, parsed JSON body or None) of a GET, or of a POST when `body` is given."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if auth:
+        req.add_header("Authorization", auth)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            is_json = resp.headers.get_content_type() == "application/json"
+            return resp.status, json.loads(raw) if raw and is_json else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+# --- MLflow --------------------------------------------------------------------------------------
+
+
+def mlflow_auth_ini(cfg: StackConfig, sec: Secrets) -> str:
+    """MLflow's basic-auth config: users live in PostgreSQL like everything else of the stack.
+
+    The admin password is not in it: MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD when it first
+    creates the admin user, and ignores both once the user exists.
+    """
+    return (
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {postgres.url(cfg, 'mlflow_auth')}\n"
+        f"admin_username = {sec.mlflow_username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+
+
+def mlflow_command(cfg: StackConfig) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", postgres.url(cfg, "mlflow"),
+        "--serve-artifacts",
+        "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
+        "--app-name", "basic-auth",
+        "--host", HOST,
+        "--port", str(cfg.mlflow_port),
+        "--workers", "1",  # a local stack on a small machine; a team server raises it
+    ]  # fmt: skip
+
+
+def write_mlflow_auth_ini(cfg: StackConfig, sec: Secrets) -> None:
+    (cfg.root / "mlflow-auth.ini").write_text(mlflow_auth_ini(cfg, sec))
+
+
+def mlflow_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
+    return {
+        **base_env(),
+        "MLFLOW_AUTH_CONFIG_PATH": str(cfg.root / "mlflow-auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": sec.mlflow_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": sec.flask_secret_key,
+        # upbeat runs no server-side jobs (GenAI evaluation, trace rollups): skip their processes
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_S3_ENDPOINT_URL": cfg.s3_url,
+        "AWS_ACCESS_KEY_ID": sec.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": sec.aws_secret_access_key,
+        "AWS_DEFAULT_REGION": REGION,
+    }
+
+
+def mlflow_ready(cfg: StackConfig) -> bool:
+    return http_json(f"{cfg.mlflow_url}/health", timeout=2)[0] == 200
+
+
+# --- Prefect -------------------------------------------------------------------------------------
+
+
+def _prefect_common(cfg: StackConfig) -> dict[str, str]:
+    return {
+        **base_env(),
+        # profiles and caches of the stack, not the user's ~/.prefect
+        "PREFECT_HOME": str(cfg.root / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def prefect_command(cfg: StackConfig) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start",
+            "--host", HOST, "--port", str(cfg.prefect_port)]  # fmt: skip
+
+
+def prefect_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
+    return {
+        **_prefect_common(cfg),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.url(cfg, "prefect", driver="asyncpg"),
+        "PREFECT_SERVER_API_AUTH_STRING": sec.prefect_auth,
+        # the server's own services call its API too
+        "PREFECT_API_AUTH_STRING": sec.prefect_auth,
+    }
+
+
+def prefect_ready(cfg: StackConfig) -> bool:
+    return http_json(f"{cfg.prefect_api}/health", timeout=2)[0] == 200
+
+
+def ensure_pool(cfg: StackConfig, sec: Secrets) -> None:
+    """Create the process work pool unless it exists (409 says it does)."""
+    auth = _basic(sec.prefect_username, sec.prefect_password)
+    code, _ = http_json(
+        f"{cfg.prefect_api}/work_pools/", auth, {"name": WORK_POOL, "type": "process"}
+    )
+    if code not in (200, 201, 409):
+        raise StackError(f"Prefect refused to create work pool {WORK_POOL!r} (HTTP {code})")
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "prefect", "worker", "start",
+            "--pool", WORK_POOL, "--type", "process", "--name", f"{WORK_POOL}-local"]  # fmt: skip
+
+
+def worker_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
+    """The worker's flow runs inherit this: the whole client side of the stack."""
+    return {**_prefect_common(cfg), **client_env(cfg, sec)}
+
+
+def online_workers(cfg: StackConfig, sec: Secrets) -> list[dict[str, Any]]:
+    """Workers of the pool that Prefect counts as online (they heartbeat while polling)."""
+    auth = _basic(sec.prefect_username, sec.prefect_password)
+    code, found = http_json(f"{cfg.prefect_api}/work_pools/{WORK_POOL}/workers/filter", auth, {})
+    if code != 200 or not found:
+        return []
+    return [w for w in found if w.get("status") == "ONLINE"]
