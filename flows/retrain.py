@@ -1,133 +1,103 @@
-"""The `retrain` flow: every DVC stage in `dvc.yaml` order, one Prefect task per stage.
+"""The `retrain` flow: every DVC stage in DVC's order, one Prefect task per stage that must run.
 
-Prefect only orchestrates. Each task runs `dvc repro --single-item <stage>` as a subprocess with
-`cwd=` the project, so DVC alone decides whether a stage is up to date (unchanged stages are
-skipped) and writes `dvc.lock`. The stage order is read from `dvc.yaml` (a topological sort of its
-deps/outs, file order breaking ties), never written here, so a new stage joins the flow by being
-added to `dvc.yaml`.
+Prefect only orchestrates. DVC says what the pipeline is and what is stale (`flows.pipeline`, one
+subprocess); each stage that must run is a task running `dvc repro --single-item <stage>` as a
+subprocess with `cwd=` the project, so DVC alone decides whether it is up to date and writes
+`dvc.lock`. A stage that DVC finds up to date, with nothing upstream of it run, is recorded as
+skipped without a subprocess: a no-op run costs one `dvc status`.
 
 Safety:
 - one run at a time: a file lock in `.dvc/tmp/` is held for the whole run; a second run waits up
   to `lock_timeout` seconds, then refuses with who holds the lock and since when. DVC's own repo
   lock stays underneath, so `dvc.lock` is never written by two processes.
-- transient failures (DVC/sqlite lock contention, a killed process) retry; a stage that fails on
-  its own (bad data, a diverged run) fails at once, with its stderr in the error, and the later
-  stages (register, promote) never run, so the champion is untouched.
+- retries: contention for DVC's or sqlite's lock is retried (twice); a stage process killed by a
+  signal (the kernel's OOM killer, someone's `kill`) is retried once, and PPO then resumes from its
+  last checkpoint; a stage that fails on its own (bad data, a diverged run) fails at once. Either
+  way the later stages (register, promote) never run, so the champion is untouched.
+- a SIGTERM/SIGINT stops the running stage's whole process tree (`flows.processes`) and the run
+  ends Cancelled in Prefect and KILLED in MLflow.
+- expected refusals (lock held, a stage's user error) end the run Failed with one message, no
+  traceback; a traceback means a bug.
 - an MLflow parent run spans the flow; stages nest under it through `UPBEAT_PARENT_RUN_ID`.
 
-Run it with `upbeat run` (ephemeral Prefect server, nothing to set up) or serve it on a schedule
+Run it with `upbeat run` (a temporary Prefect server, nothing to set up) or serve it on a schedule
 with `upbeat serve --cron "0 3 * * *"`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, Failed, State
 
+from flows.pipeline import OUTCOME, Plan, PlanError, repro_command, start_plan
+from flows.processes import prefect_api, run_stoppable, run_streaming, stopping
 from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
 
 LOCK_NAME = "upbeat-retrain.lock"
-STDERR_TAIL = 3000  # characters of a failing stage's stderr carried in the error
+STDERR_TAIL = 3000  # characters of a failing stage's output carried in the error
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|████" redraws
-TRANSIENT = re.compile(
+CONTENTION = re.compile(
     r"Unable to acquire lock|database is locked|Resource temporarily unavailable|"
     r"Connection (reset|refused)|Temporary failure",
     re.IGNORECASE,
 )
+KILLED = re.compile(r"exited with (-\d+)")  # DVC's words for a stage command killed by a signal
 
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; carries its output so the flow shows the real error."""
 
-    def __init__(self, stage: str, returncode: int, stderr: str) -> None:
-        self.stage, self.returncode, self.stderr = stage, returncode, stderr
-        tail = stderr.strip()[-STDERR_TAIL:]
-        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+    def __init__(self, stage: str, returncode: int, output: str) -> None:
+        self.stage, self.returncode, self.output = stage, returncode, output
+        super().__init__(f"stage {stage!r} failed: {self.reason}")
 
     @property
-    def transient(self) -> bool:
-        """Killed by a signal, or lost a race for a lock: worth another try."""
-        return self.returncode < 0 or bool(TRANSIENT.search(self.stderr))
+    def reason(self) -> str:
+        """The stage's own `error:` line (a user error), else its last line."""
+        lines = [ln.strip() for ln in self.output.splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+        return error or (lines[-1] if lines else f"exit {self.returncode}")
+
+    @property
+    def killed_by(self) -> int | None:
+        """The signal that killed the stage's command (DVC itself exits 255 then), or None."""
+        found = KILLED.findall(self.output)
+        return -int(found[-1]) if found else (-self.returncode if self.returncode < 0 else None)
+
+    @property
+    def contention(self) -> bool:
+        return bool(CONTENTION.search(self.output))
 
 
 class LockHeld(RuntimeError):
     """Another retrain run holds the project lock."""
 
 
-# --- the stage order, from dvc.yaml -------------------------------------------------------------
-
-
-def _interpolate(value: str, variables: dict[str, Any]) -> str:
-    return re.sub(
-        r"\$\{\s*([\w.]+)\s*\}", lambda m: str(variables.get(m.group(1), m.group(0))), value
-    )
-
-
-def _paths(entries: list[Any] | None, variables: dict[str, Any]) -> list[str]:
-    """`deps`/`outs` entries are strings or one-key mappings (`path: {cache: false}`)."""
-    out = []
-    for entry in entries or []:
-        for path in [entry] if isinstance(entry, str) else list(entry):
-            out.append(_interpolate(str(path), variables).rstrip("/"))
-    return out
-
-
-def stage_order(dvc_yaml: Path) -> list[str]:
-    """Stage names of `dvc.yaml` in dependency order (a stage after the stages producing its deps).
-
-    Kahn's algorithm over the DAG that DVC itself builds from deps and outs; among ready stages
-    the one written first in the file goes first, so the order reads like the file.
-    """
-    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
-    variables: dict[str, Any] = {}
-    for entry in spec.get("vars") or []:
-        if isinstance(entry, dict):
-            variables.update(entry)
-    stages = spec.get("stages") or {}
-    if not stages:
-        raise ValueError(f"{dvc_yaml}: no stages")
-    if any("foreach" in body or "matrix" in body for body in stages.values()):
-        raise ValueError(f"{dvc_yaml}: foreach/matrix stages are not supported by the flow")
-    names = list(stages)
-    outs = {name: _paths(stages[name].get("outs"), variables) for name in names}
-    for name in names:
-        for kind in ("metrics", "plots"):
-            outs[name] += _paths(stages[name].get(kind), variables)
-
-    def produces(producer: str, dep: str) -> bool:
-        return any(dep == out or dep.startswith(out + "/") for out in outs[producer])
-
-    needs = {
-        name: {
-            other
-            for dep in _paths(stages[name].get("deps"), variables)
-            for other in names
-            if other != name and produces(other, dep)
-        }
-        for name in names
-    }
-    order: list[str] = []
-    while len(order) < len(names):
-        ready = [n for n in names if n not in order and needs[n] <= set(order)]
-        if not ready:
-            raise ValueError(f"{dvc_yaml}: the stages form a cycle")
-        order.append(ready[0])
-    return order
+def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run's logger inside a Prefect run; otherwise Prefect's console logger (a no-op run
+    called without Prefect, see `upbeat run`)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("upbeat.retrain")
 
 
 # --- one run at a time ---------------------------------------------------------------------------
@@ -177,10 +147,12 @@ def run_lock(root: Path, timeout: float = 0) -> Iterator[None]:
 # --- the stages ----------------------------------------------------------------------------------
 
 
-def stage_env(parent_run_id: str | None) -> dict[str, str]:
-    """The stages' environment: this interpreter's bin first (DVC runs `python stages/...`)."""
+def stage_env(root: Path, parent_run_id: str | None) -> dict[str, str]:
+    """The stages' environment: this interpreter's bin first (DVC runs `python stages/...`), and
+    the project's own `upbeat`/`flows` first on the path (the code DVC hashed as the deps)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env["PYTHONUNBUFFERED"] = "1"  # stage prints reach the flow log as they happen
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -189,44 +161,49 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
-def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    exc = getattr(state, "data", None)
-    return isinstance(exc, StageFailed) and exc.transient
+def _retry(task: Any, task_run: Any, state: State) -> bool:
+    """Lock contention: retry (the task's limit); a killed stage process: retry once."""
+    exc = state.data
+    if not isinstance(exc, StageFailed):
+        return False
+    return exc.contention or (exc.killed_by is not None and task_run.run_count < 2)
 
 
 @task(
-    task_run_name="dvc repro {stage}",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=_retry_if_transient,
+    task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry
 )
-def repro_stage(root: str, stage: str, env: dict[str, str]) -> str:
-    """`dvc repro --single-item <stage>`; returns `ran` or `skipped` (DVC found it up to date).
+def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
+    """`dvc repro --single-item <stage>` (`pipeline.repro_command`): `ran` or `skipped` (DVC
+    found it up to date), or a Failed state carrying `StageFailed` (Cancelled when stopping).
 
-    The stage's output is streamed line by line into the flow's log as it comes (a PPO stage
-    runs for many minutes: the user sees its progress); progress-bar redraws are left out.
+    The stage's output is streamed line by line into the flow's log as it comes.
     """
     logger = get_run_logger()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,  # universal newlines: a progress bar's \r redraws arrive as separate lines
-    )
     lines: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip()
-        if line and not PROGRESS_BAR.search(line):
+    outcome: list[str] = []  # `ran` or `skipped`, from the command's last line
+
+    def on_line(line: str) -> None:
+        if line.startswith(OUTCOME):
+            outcome.append(line.removeprefix(OUTCOME))
+        elif line and not PROGRESS_BAR.search(line):
             logger.info(line)
             lines.append(line)
+
+    code = run_streaming(repro_command(stage), root, env, on_line)
     output = "\n".join(lines)
-    if proc.wait() != 0:
-        raise StageFailed(stage, proc.returncode, output)
-    skipped = re.search(rf"Stage '{re.escape(stage)}' didn't change, skipping", output)
-    return "skipped" if skipped else "ran"
+    if signame := stopping():
+        return Cancelled(message=f"stage {stage!r} stopped by {signame}")
+    if code != 0:
+        failed = StageFailed(stage, code, output[-STDERR_TAIL:])
+        if failed.killed_by is not None:
+            logger.warning(
+                "stage %r: its process was killed by signal %d (the OOM killer does this); the "
+                "flow retries a killed stage once, and PPO resumes from its last checkpoint",
+                stage,
+                failed.killed_by,
+            )
+        return Failed(message=f"exit {code}", data=failed)
+    return outcome[0] if outcome else "ran"
 
 
 # --- the MLflow parent run -----------------------------------------------------------------------
@@ -261,33 +238,92 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str]:
+def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str] | State:
     """Run every DVC stage in order; returns `{stage: "ran" | "skipped"}`.
 
     `project` is the directory holding `dvc.yaml`; `lock_timeout` is how long to wait for another
-    run to finish before refusing (0: refuse at once).
+    run to finish before refusing (0: refuse at once). A refusal or a failed stage ends the run
+    Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no traceback in
+    the log); a signal ends it Cancelled.
     """
     root = Path(project).resolve()
-    order = stage_order(root / "dvc.yaml")
-    logger = get_run_logger()
-    logger.info("stages: %s", " → ".join(order))
-    with run_lock(root, lock_timeout):
-        client, parent = open_parent_run(root)
-        env = stage_env(parent)
-        results: dict[str, str] = {}
-        status = "FAILED"
-        start = time.monotonic()
-        try:
-            for stage in order:
-                results[stage] = repro_stage(str(root), stage, env)
-                logger.info("%s: %s", stage, results[stage])
-            status = "FINISHED"
-        finally:
-            for stage, outcome in results.items():
-                client.set_tag(parent, f"stage.{stage}", outcome)
-            client.log_metric(parent, "flow/seconds", time.monotonic() - start)
-            client.set_terminated(parent, status)
-    return results
+    try:
+        with run_lock(root, lock_timeout):
+            results, end = run_stages(root, start_plan(root))
+    except (LockHeld, PlanError) as exc:
+        _log().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+    if end is None:
+        return results
+    if end.is_cancelled():
+        return Cancelled(message=end.message)
+    failed = end.result(raise_on_failure=False)  # the exception the state carries
+    if not isinstance(failed, StageFailed):
+        failed = RuntimeError(end.message)
+    message = f"{failed}. Nothing after it ran: the champion model is unchanged"
+    _log().error("%s", message)
+    return Failed(message=message, data=failed)
+
+
+def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str], State | None]:
+    """The stages in DVC's order, under an MLflow parent run: `{stage: outcome}` of those that
+    ended, and the state of the one that did not (None when all did)."""
+    logger = _log()
+    client, parent = open_parent_run(root)  # while DVC plans in its subprocess
+    pipeline = planned()
+    logger.info("stages: %s", " → ".join(pipeline.order))
+    env = stage_env(root, parent)
+    results: dict[str, str] = {}
+    end: State | None = None
+    start = time.monotonic()
+    try:
+        for stage in pipeline.order:
+            if signame := stopping():
+                end = Cancelled(message=f"stopped by {signame} before stage {stage!r}")
+                break
+            if not pipeline.must_run(stage, {s for s, r in results.items() if r == "ran"}):
+                results[stage] = "skipped"
+                logger.info("%s: up to date", stage)
+                continue
+            state = repro_stage(str(root), stage, env, return_state=True)
+            if not state.is_completed():
+                end = state
+                break
+            results[stage] = state.result()
+            logger.info("%s: %s", stage, results[stage])
+    finally:
+        status = "FINISHED" if end is None else "KILLED" if end.is_cancelled() else "FAILED"
+        for stage, outcome in results.items():
+            client.set_tag(parent, f"stage.{stage}", outcome)
+        client.log_metric(parent, "flow/seconds", time.monotonic() - start)
+        client.set_terminated(parent, status)
+    return results, end
+
+
+def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
+    """What `upbeat run` calls: `{stage: outcome}`, or raises `LockHeld`, `PlanError`,
+    `StageFailed` or `flows.processes.Stopped`.
+
+    With nothing stale, the stages are recorded as skipped right here, under the lock, in the
+    same MLflow record as a flow run's, without starting a Prefect server for a no-op. With a
+    stage to run, the flow runs through Prefect (PREFECT_API_URL, or a temporary server) and
+    stops in order on SIGTERM/SIGINT.
+    """
+    with run_lock(project, lock_timeout):
+        planning = start_plan(project)
+        import mlflow  # noqa: F401  (loads while DVC plans: the run is recorded either way)
+
+        planned = planning()
+        if not planned.stale:
+            results, _ = run_stages(project, lambda: planned)
+            return results
+
+    def through_prefect() -> Any:
+        with prefect_api():
+            return retrain(project=str(project), lock_timeout=lock_timeout, return_state=True)
+
+    outcome = run_stoppable(through_prefect)
+    return outcome.result() if isinstance(outcome, State) else outcome  # a failure raises
 
 
 def serve(project: str, cron: str, name: str = "scheduled") -> None:

@@ -1,7 +1,8 @@
-"""The retrain flow's pieces that need no DVC run: stage order, retry policy, the run lock."""
+"""The retrain flow's pieces, each on its own: DVC's plan, the retry policy, the run lock."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -10,60 +11,81 @@ import pytest
 from conftest import ROOT
 from lockholder import lock_held_elsewhere
 
-sys.path.insert(0, str(ROOT))
+from flows import pipeline
 from flows import retrain as rf
 
 
-def write_dvc_yaml(path: Path, body: str) -> Path:
-    path.write_text(textwrap.dedent(body))
+def dvc_repo(path: Path, body: str) -> Path:
+    """A git + DVC repository at `path` whose dvc.yaml is `body`."""
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=path, check=True, capture_output=True)
+    (path / "dvc.yaml").write_text(textwrap.dedent(body))
     return path
 
 
-def test_stage_order_follows_deps_not_file_order(tmp_path):
-    # `b` is written first but needs `a`'s output (through a var and a directory out).
-    dvc_yaml = write_dvc_yaml(
-        tmp_path / "dvc.yaml",
+def test_plan_takes_the_order_from_dvcs_graph_and_the_stale_stages_from_dvc_status(tmp_path):
+    # `b` is written first but needs `a`'s output (through a var and a directory out); `e`
+    # stands alone and keeps its file position among the stages ready with it.
+    repo = dvc_repo(
+        tmp_path,
         """
         vars:
           - model: models/m
         stages:
           b:
-            cmd: x
-            deps: [models/m/weights.bin, src.py]
+            cmd: echo b > out/b.txt
+            deps: [models/m]
             outs: [out/b.txt]
           a:
-            cmd: x
+            cmd: mkdir -p models/m && echo w > models/m/weights.bin
             outs: [{ "${model}": {cache: false} }]
+          e:
+            cmd: echo e > e.txt
+            outs: [e.txt]
           c:
-            cmd: x
+            cmd: echo c > reports/c.json
             deps: [out/b.txt]
             metrics: [{reports/c.json: {cache: false}}]
           d:
-            cmd: x
+            cmd: echo d
             deps: [reports/c.json]
-          e:
-            cmd: x
         """,
     )
-    assert rf.stage_order(dvc_yaml) == ["a", "b", "c", "d", "e"]
+    (repo / "out").mkdir()
+    (repo / "reports").mkdir()
+    plan = pipeline.plan(repo)
+    assert plan.order == ["a", "b", "e", "c", "d"]
+    assert plan.upstream["d"] == ["a", "b", "c"] and plan.upstream["e"] == []
+    assert set(plan.stale) == {"a", "b", "c", "d", "e"}  # nothing has run yet
+
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, check=True, capture_output=True
+    )
+    assert pipeline.plan(repo).stale == []
+    (repo / "e.txt").write_text("changed by hand\n")
+    plan = pipeline.plan(repo)
+    assert plan.stale == ["e"]
+    # What runs: a stale stage, and any stage downstream of one that ran in this flow.
+    assert plan.must_run("e", set()) and not plan.must_run("c", set())
+    assert plan.must_run("c", {"a"}) and not plan.must_run("a", {"e"})
 
 
-def test_stage_order_rejects_a_cycle(tmp_path):
-    dvc_yaml = write_dvc_yaml(
-        tmp_path / "dvc.yaml",
+def test_plan_names_a_broken_pipeline(tmp_path):
+    repo = dvc_repo(
+        tmp_path,
         """
         stages:
           a: {cmd: x, deps: [b.txt], outs: [a.txt]}
           b: {cmd: x, deps: [a.txt], outs: [b.txt]}
         """,
     )
-    with pytest.raises(ValueError, match="cycle"):
-        rf.stage_order(dvc_yaml)
+    with pytest.raises(pipeline.PlanError, match=f"DVC could not plan the pipeline in {tmp_path}"):
+        pipeline.plan(repo)
 
 
 def test_project_stage_order_is_the_pipeline():
     # Every stage, once, in the order the flow runs them: a renamed, dropped or added stage fails.
-    assert rf.stage_order(ROOT / "dvc.yaml") == [
+    assert pipeline.plan(ROOT).order == [
         "ingest",
         "validate",
         "clean",
@@ -77,23 +99,38 @@ def test_project_stage_order_is_the_pipeline():
 
 
 @pytest.mark.parametrize(
-    ("returncode", "stderr", "transient"),
+    ("returncode", "output", "retried"),
     [
-        (1, "error: data/raw/tweets.parquet: 12 rows have target 7", False),
-        (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
-        (1, "sqlite3.OperationalError: database is locked", True),
-        (-9, "", True),  # killed (e.g. by the OOM killer)
+        (1, "error: data/raw/tweets.parquet: 12 rows have target 7", {1: False}),
+        (255, "ERROR: Unable to acquire lock. Most likely another DVC process", {2: True}),
+        (1, "sqlite3.OperationalError: database is locked", {1: True, 2: True}),
+        # the stage's own process killed (the OOM killer): DVC exits 255; retried once
+        (255, "ERROR: failed to reproduce 'ppo': failed to run: python x.py, exited with -9",
+         {1: True, 2: False}),
     ],
-)
-def test_only_transient_failures_retry(returncode, stderr, transient):
-    exc = rf.StageFailed("clean", returncode, stderr)
-    assert exc.transient is transient
-    assert "stage 'clean' failed" in str(exc) and stderr[-20:] in str(exc)
+)  # fmt: skip
+def test_contention_retries_and_a_killed_stage_retries_once(returncode, output, retried):
+    exc = rf.StageFailed("clean", returncode, output)
+    assert str(exc).startswith("stage 'clean' failed: ") and output[-20:] in str(exc)
 
     class State:
         data = exc
 
-    assert rf._retry_if_transient(None, None, State()) is transient
+    class TaskRun:
+        run_count = 0
+
+    for run_count, expected in retried.items():
+        TaskRun.run_count = run_count
+        assert rf._retry(None, TaskRun(), State()) is expected
+
+
+def test_a_failed_stage_names_its_own_error_line():
+    output = (
+        "Running stage 'clean':\n> python stages/clean.py\nerror: x.csv row 3: bad\nERROR: failed"
+    )
+    exc = rf.StageFailed("clean", 255, output)
+    assert exc.reason == "error: x.csv row 3: bad" and exc.killed_by is None
+    assert rf.StageFailed("ppo", 255, "... exited with -9").killed_by == 9
 
 
 def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
