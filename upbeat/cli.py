@@ -9,7 +9,6 @@ and exits 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,18 +68,6 @@ def project() -> Path:
             f"{Path.cwd()} is not inside an upbeat project (no dvc.yaml)", "cd to the project"
         )
     return root
-
-
-def retrain_module() -> Any:
-    """Import `flows.retrain` from the checkout this package lives in.
-
-    `flows/` sits beside `upbeat/` and imports it (never the reverse at module level); the CLI is
-    the one driver that reaches back, at run time only.
-    """
-    checkout = str(Path(__file__).resolve().parents[1])
-    if checkout not in sys.path:
-        sys.path.insert(0, checkout)
-    return importlib.import_module("flows.retrain")
 
 
 def model_name(root: Path) -> str:
@@ -161,20 +148,27 @@ def run(
         from upbeat.config import load_params
 
         load_params(root / "params.yaml")  # fail here, not three stages in
-    flows = retrain_module()
+    from flows import retrain as flows
+    from flows.pipeline import PlanError
+    from flows.processes import Stopped
+
     try:
-        results = flows.retrain(project=str(root), lock_timeout=lock_timeout)
-    except flows.LockHeld as exc:
+        results = flows.run(root, lock_timeout=lock_timeout)
+    except (flows.LockHeld, PlanError) as exc:
         raise fail(str(exc)) from None
     except flows.StageFailed as exc:
-        lines = [ln for ln in exc.stderr.strip().splitlines() if ln.strip()]
-        detail = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
-        detail = detail or (lines[-1] if lines else f"exit {exc.returncode}")
         raise fail(
-            f"stage {exc.stage!r} failed: {detail}",
+            str(exc),
             "fix the cause and run `upbeat run` again: finished stages are kept and skipped, the "
             "champion model is unchanged",
         ) from None
+    except Stopped as exc:
+        err.print(
+            f"[bold red]stopped:[/] {exc}; the running stage was stopped and nothing after it ran. "
+            "`upbeat run` again resumes (PPO from its last checkpoint)",
+            highlight=False,
+        )
+        raise typer.Exit(exc.exit_code) from None
     table = Table("stage", "result", title="retrain")
     for stage, outcome in results.items():
         table.add_row(stage, "[green]ran[/]" if outcome == "ran" else "[dim]up to date[/]")
@@ -196,7 +190,9 @@ def serve(
             "(schedules stop with this process). For a persistent one: `prefect server start "
             "--host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
         )
-    retrain_module().serve(str(root), cron=cron, name=name)
+    from flows import retrain as flows
+
+    flows.serve(str(root), cron=cron, name=name)
 
 
 @app.command()
