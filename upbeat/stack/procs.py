@@ -69,6 +69,8 @@ def alive(rec: Record | None) -> bool:
     """Is the process the record names still running (same pid and start time, not a zombie)?"""
     if rec is None:
         return False
+    if (child := _CHILDREN.get(rec.pid)) is not None and child.poll() is not None:
+        return False  # our own child that exited (now reaped)
     try:
         proc = psutil.Process(rec.pid)
         return abs(proc.create_time() - rec.started) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
@@ -132,13 +134,32 @@ def stop(rec: Record, sig: signal.Signals = signal.SIGTERM, timeout: float = 30)
     for proc in procs if sig != signal.SIGINT else procs[:1]:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
-    _, left = psutil.wait_procs(procs, timeout=timeout)
+    left = _wait_gone(procs, timeout)
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(left, timeout=5)
-    if (child := _CHILDREN.pop(rec.pid, None)) is not None:
-        child.poll()  # reaped above; this records it so Popen does not warn
+    _wait_gone(left, 5)
+
+
+def _running(proc: psutil.Process) -> bool:
+    if (child := _CHILDREN.get(proc.pid)) is not None and child.poll() is not None:
+        del _CHILDREN[proc.pid]  # our own child, now reaped
+        return False
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `procs` still running after `timeout` (polled: psutil's own wait on processes
+    that are not our children backs off to long sleeps)."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if _running(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _running(p)]
+    return left
 
 
 def port_taken(port: int) -> str | None:
