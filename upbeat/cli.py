@@ -417,7 +417,8 @@ app.add_typer(stack_app, name="stack")
 StackDir = Annotated[
     Path | None,
     typer.Option(
-        "--dir", help="Stack folder [default: $UPBEAT_STACK_DIR or <project>/.upbeat-stack]."
+        "--dir",
+        help="Stack folder (default: $UPBEAT_STACK_DIR, else .upbeat-stack/ in the project).",
     ),
 ]
 
@@ -434,9 +435,18 @@ def _stack_project(folder: Path | None) -> Path:
 @stack_app.command("up")
 def stack_up(
     folder: StackDir = None,
-    s3_port: Annotated[int | None, typer.Option(help="[default: 9000]")] = None,
-    mlflow_port: Annotated[int | None, typer.Option(help="[default: 5001]")] = None,
-    prefect_port: Annotated[int | None, typer.Option(help="[default: 4201]")] = None,
+    s3_port: Annotated[
+        int | None,
+        typer.Option(help="S3 endpoint port (default: $UPBEAT_STACK_S3_PORT, else 9000)."),
+    ] = None,
+    mlflow_port: Annotated[
+        int | None,
+        typer.Option(help="MLflow server port (default: $UPBEAT_STACK_MLFLOW_PORT, else 5001)."),
+    ] = None,
+    prefect_port: Annotated[
+        int | None,
+        typer.Option(help="Prefect server port (default: $UPBEAT_STACK_PREFECT_PORT, else 4201)."),
+    ] = None,
 ) -> None:
     """Start the servers that are not running, and wait until each answers."""
     from upbeat import stack

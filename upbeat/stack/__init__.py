@@ -52,9 +52,11 @@ __all__ = [
     "client_env",
     "down",
     "export_lines",
+    "exports",
     "resolve",
     "status",
     "up",
+    "variables",
 ]
 
 NAMES = ("postgres", "s3", "mlflow", "prefect", "worker")
@@ -281,8 +283,14 @@ def status(project: Path, root: Path | None = None) -> tuple[StackConfig, list[d
     return cfg, rows
 
 
-def exports(project: Path, root: Path | None = None) -> list[str]:
-    """The `export` lines for a shell (empty before the first `up` generated credentials)."""
+def variables(project: Path, root: Path | None = None) -> dict[str, str]:
+    """The variables that point MLflow, Prefect, DVC and boto3 at the stack (empty before the
+    first `up` generated its credentials)."""
     cfg, _ = _running(resolve(project, root))
     sec = load_secrets(cfg)
-    return export_lines(client_env(cfg, sec)) if sec else []
+    return client_env(cfg, sec) if sec else {}
+
+
+def exports(project: Path, root: Path | None = None) -> list[str]:
+    """`variables` as `export` lines for a shell."""
+    return export_lines(variables(project, root))
