@@ -1,4 +1,4 @@
-"""Child processes of a retrain run that stop when the run is told to stop.
+"""Child processes of upbeat's commands that stop when the command is told to stop.
 
 A SIGTERM (`timeout`, systemd, `docker stop`, Kubernetes, a Prefect worker cancelling) or SIGINT
 (Ctrl-C) must end `upbeat run` within a bounded time and leave nothing behind:
@@ -8,7 +8,9 @@ A SIGTERM (`timeout`, systemd, `docker stop`, Kubernetes, a Prefect worker cance
 - `upbeat run` runs the flow in a thread while the main thread waits for signals: on one, it stops
   every stage, lets the flow record the stop in Prefect and MLflow, and gives up after a deadline;
 - Prefect's temporary server runs in a session of its own, so a signal sent to the run's process
-  group does not take away the server the run reports its end to.
+  group does not take away the server the run reports its end to;
+- a long-lived child server (`upbeat ui`'s MLflow server and its workers) runs in a group of its
+  own that is stopped whole when the command gets SIGTERM/SIGINT (`run_until_stopped`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 STOP_GRACE = (10.0, 5.0, 5.0)  # seconds after SIGINT, SIGTERM, SIGKILL to a stage's group
@@ -158,6 +161,41 @@ def run_stoppable(fn: Callable[[], Any]) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def run_until_stopped(cmd: list[str], cwd: Path) -> int:
+    """Run a long-lived child (a server) in a process group of its own until it exits or this
+    process gets SIGTERM/SIGINT; then stop its whole group. Returns the exit code to use."""
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)
+    received: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: received.append(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        while proc.poll() is None and not received:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)
+    finally:
+        stop_group(proc)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else proc.returncode
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so `finally` blocks and the
+    running library's own shutdown (Prefect's `serve`) run instead of the process just dying."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ and exits 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,8 +192,11 @@ def serve(
             "--host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
         )
     from flows import retrain as flows
+    from flows.processes import interrupt_on_sigterm, prefect_api
 
-    flows.serve(str(root), cron=cron, name=name)
+    # SIGTERM stops serving like Ctrl-C; a temporary server is stopped with it, never orphaned.
+    with contextlib.suppress(KeyboardInterrupt), interrupt_on_sigterm(), prefect_api():
+        flows.serve(str(root), cron=cron, name=name)
 
 
 @app.command()
@@ -382,8 +386,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the project's store (127.0.0.1 only)."""
-    import subprocess
-
+    from flows.processes import run_until_stopped
     from upbeat.tracking import artifact_root, tracking_uri
 
     root = project()
@@ -403,8 +406,8 @@ def ui(
     if artifacts := artifact_root(uri):
         cmd += ["--default-artifact-root", artifacts]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops)")
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(cmd, cwd=root, check=False)
+    code = run_until_stopped(cmd, cwd=root)  # SIGTERM/SIGINT stop the server and its workers
+    raise typer.Exit(0 if code == 128 + signal.SIGINT else code)
 
 
 # --- the local team stack --------------------------------------------------------------------

@@ -52,7 +52,8 @@ def model_load_error(what: str, name: str, exc: Exception, fix: str) -> ModelLoa
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for stage `main()`s: an UpbeatError prints one clear line to stderr and exits 1."""
+    """Decorator for stage `main()`s: an UpbeatError prints one clear line to stderr and exits 1;
+    an interrupt (Ctrl-C, or the flow stopping its stages with SIGINT) one line and exit 130."""
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,5 +62,8 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
         except UpbeatError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted: stopped before its end, outputs not written", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

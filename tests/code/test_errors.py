@@ -34,3 +34,22 @@ def test_model_load_error_says_where_why_and_what_to_do():
     assert str(exc) == "reward model './nope': no such directory (OSError: gone). Set reward.model."
     hub = model_load_error("policy model", "gpt2", ValueError("offline"), "Fix it.")
     assert "'gpt2': not a local directory and the Hugging Face hub is unreachable" in str(hub)
+
+
+def test_a_stage_interrupted_exits_130_with_one_line_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "from upbeat.errors import exit_on_user_error\n"
+        "@exit_on_user_error\n"
+        "def main():\n"
+        "    raise KeyboardInterrupt\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines() == [
+        "interrupted: stopped before its end, outputs not written"
+    ]
