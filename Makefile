@@ -38,6 +38,7 @@ bench: install          ## benchmarks: print figures and ratios
 	$(PY) benchmarks/data_stages.py
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/ppo.py
+	$(PY) benchmarks/noop_run.py
 
 ui: install             ## MLflow UI on 127.0.0.1:5000
 	$(VENV)/bin/upbeat ui
