@@ -2,7 +2,10 @@
 
 One ordered story (each step needs the state the previous one left):
 1. the first run runs every stage, registers version 1, the gate makes it champion, stages nest
-   under the flow's MLflow run, and `upbeat generate` loads the champion by alias;
+   under the flow's MLflow run, and `upbeat generate` loads the champion by alias; the long
+   stages' progress lines reach the flow's log while they run (a handler on Prefect's task-run
+   logger notes, for each line, which reports exist: a stage writes its metrics JSON at its very
+   end, so a line logged while the stage runs finds it absent), and DVC's git/push hints do not;
 2. a second run (`upbeat run`) skips every stage;
 3. a stage that fails (`upbeat run --set evaluate.judge=bogus`) stops the flow with its error;
    register and promote do not run, the champion is untouched, and `dvc.lock` still describes
@@ -13,6 +16,10 @@ One ordered story (each step needs the state the previous one left):
 """
 
 from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +32,56 @@ from flows import retrain as rf
 ALL = [
     "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
 ]  # fmt: skip
+
+
+class Recorder(logging.Handler):
+    """Each flow log message with the reports/*.json present when it was logged."""
+
+    def __init__(self, project: Path) -> None:
+        super().__init__(logging.INFO)
+        self.reports = project / "reports"
+        self.records: list[tuple[str, set[str]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        present = {p.name for p in self.reports.glob("*.json")}
+        self.records.append((record.getMessage(), present))
+
+    def index(self, prefix: str) -> int:
+        return next(i for i, (msg, _) in enumerate(self.records) if msg.startswith(prefix))
+
+    def starting(self, prefix: str) -> list[tuple[str, set[str]]]:
+        return [(msg, seen) for msg, seen in self.records if msg.startswith(prefix)]
+
+
+def assert_progress_was_live(recorder: Recorder, project: Path) -> None:
+    for stage, first, summary in (("sft", 0, "sft: eval perplexity"), ("ppo", 1, "ppo: score")):
+        lines = recorder.starting(f"{stage}: step ")
+        total = int(lines[0][0].split("  ")[0].split("/")[1])
+        # every step in order (step 0 is SFT's eval before training), the last one included
+        assert [m.split("  ")[0] for m, _ in lines] == [
+            f"{stage}: step {i}/{total}" for i in range(first, total + 1)
+        ]
+        assert all("elapsed" in m for m, _ in lines)
+        # live: logged while the stage ran, before it wrote its metrics and its summary line
+        assert not any(f"{stage}.json" in seen for _, seen in lines)
+        assert f"{stage}.json" in recorder.starting(summary)[0][1]  # the check can see it
+        assert recorder.index(f"{stage}: step {total}/") < recorder.index(summary)
+
+    batches = recorder.starting("evaluate: sampling batch ")
+    assert batches and not any("evaluate.json" in seen for _, seen in batches)
+    last = batches[-1][0].split("  ")[0].removeprefix("evaluate: sampling batch ")
+    assert last.split("/")[0] == last.split("/")[1]  # both sides' batches, all of them
+    assert recorder.index("ingest: read 300 rows") < recorder.index("ingest: 300 rows from")
+    assert recorder.index("validate: checking 300 rows") < recorder.index("validate: all checks")
+
+    # DVC's hints stay out: `git add` (core.autostage stages dvc.lock instead) and `dvc push`
+    # (the flow reproduces a stage through DVC's API, not its CLI)
+    messages = [m for m, _ in recorder.records]
+    assert not any("To track the changes with git" in m or "dvc push" in m for m in messages)
+    staged = subprocess.run(
+        ["git", "diff", "--cached", "--name-only"], cwd=project, capture_output=True, text=True
+    ).stdout.split()
+    assert "dvc.lock" in staged
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +101,7 @@ def project(tmp_path_factory):
 def env(project, monkeypatch):
     for key, value in stage_env(project).items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("UPBEAT_PROGRESS_SECONDS", "0")  # a progress line per step
     monkeypatch.chdir(project)
 
 
@@ -61,9 +119,16 @@ def test_retrain_story(harness, project, env):
     from upbeat.cli import app, apply_overrides
     from upbeat.tracking import EXPERIMENT, tracking_uri
 
-    # 1. everything runs; the first model passes the (opened) gate
-    first = rf.retrain(project=str(project))
+    # 1. everything runs, reporting as it goes; the first model passes the (opened) gate
+    recorder = Recorder(project)
+    task_log = logging.getLogger("prefect.task_runs")
+    task_log.addHandler(recorder)
+    try:
+        first = rf.retrain(project=str(project))
+    finally:
+        task_log.removeHandler(recorder)
     assert first == dict.fromkeys(ALL, "ran")
+    assert_progress_was_live(recorder, project)
     promoted = yaml.safe_load((project / "reports" / "promote.json").read_text())
     assert promoted["passed"] is True, promoted["reasons"]
     assert registry_state() == ("1", 1)
