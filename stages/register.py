@@ -1,11 +1,14 @@
-"""DVC stage `register`: the PPO policy -> a new MLflow registry version, alias `challenger`."""
+"""DVC stage `register`: the PPO policy -> a new MLflow registry version with its model card,
+alias `challenger`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from upbeat.config import load_params
 from upbeat.errors import exit_on_user_error
+from upbeat.model_card import load_card_inputs
 from upbeat.registry import lineage, register_policy
 from upbeat.tracking import project_root, read_json, stage_run, write_json
 
@@ -15,6 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ppo", required=True, help="PPO policy directory")
     parser.add_argument("--evaluate", required=True, help="evaluate's metrics JSON")
+    parser.add_argument("--samples", required=True, help="evaluate's sample table CSV")
     parser.add_argument("--out", required=True, help="JSON naming the registered version")
     args = parser.parse_args()
 
@@ -22,10 +26,14 @@ def main() -> None:
     name = params.register.model_name
     with stage_run("register", params.register.model_dump()) as run:
         metrics = read_json(args.evaluate)
-        tags = lineage(project_root(), params.model_dump(by_alias=True, exclude={"profiles"}))
-        version = register_policy(args.ppo, name, metrics, tags)
+        root = project_root()
+        tags = lineage(root, params.model_dump(by_alias=True, exclude={"profiles"}))
+        card = load_card_inputs(
+            root, params, metrics, Path(args.samples), tags["lineage.git_commit"]
+        )
+        version = register_policy(args.ppo, name, metrics, tags, card)
         write_json(args.out, {"model_name": name, "version": version, "run_id": run.info.run_id})
-    print(f"register: {name} version {version} (alias challenger)")
+    print(f"register: {name} version {version} (alias challenger, model card attached)")
 
 
 if __name__ == "__main__":

@@ -203,13 +203,18 @@ def serve(
 def status(
     runs: Annotated[int, typer.Option("--runs", "-n", help="How many recent runs to show.")] = 5,
 ) -> None:
-    """Recent pipeline runs, the champion model and its metrics."""
+    """Which servers are in use, recent pipeline runs, the champion model and its metrics."""
     root = project()
     from mlflow import MlflowClient
 
     from upbeat import registry
+    from upbeat.endpoints import in_use
     from upbeat.tracking import EXPERIMENT, setup_mlflow, tracking_uri
 
+    servers = Table("", "in use", "configured by", title="servers")
+    for end in in_use(root):  # shown first: it says where to look when a server refuses below
+        servers.add_row(end.role, end.where, end.note)
+    console.print(servers)
     with user_errors():
         setup_mlflow(root)
         client = MlflowClient(tracking_uri(root))

@@ -8,6 +8,12 @@ only when the gate passes (or a person runs `upbeat promote`). The registry is t
 - the registered model's `champion.history` tag lists every champion in order, so `rollback`
   knows where to go back to, and each move is tagged on the version (`champion.how/reason/at`).
 
+Each version also carries its model card (upbeat/model_card.py): the `MODEL_CARD.md` artifact and
+the version's description; the gate's decision is written into both when it is made.
+The registry is MLflow's own configuration (`MLFLOW_REGISTRY_URI`, else the tracking store, see
+upbeat/tracking.py); a server that refuses a request (401/403) is an `UpbeatError` naming what to
+set, never mistaken for a missing model or missing files.
+
 `gate()` is a pure function of two metric dicts and the gate params: unit-testable, no MLflow.
 """
 
@@ -19,17 +25,20 @@ import json
 import math
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import wraps
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from upbeat import model_card
 from upbeat.config import GateParams
 from upbeat.errors import UpbeatError
+from upbeat.tracking import refused, registry_uri, setup_mlflow, tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion.history"
@@ -144,12 +153,35 @@ def pip_requirements() -> list[str]:
 
 
 def _client() -> Any:
+    """A client of the configured tracking store and registry; creates nothing (a reader needs
+    no experiment, and may not be allowed to create one on a shared server)."""
+    import mlflow
     from mlflow import MlflowClient
 
-    from upbeat.tracking import setup_mlflow, tracking_uri
+    mlflow.set_tracking_uri(tracking_uri())  # for mlflow.artifacts' `models:/` downloads
+    return MlflowClient(tracking_uri(), registry_uri())
 
-    setup_mlflow()
-    return MlflowClient(tracking_uri())
+
+def _check_refused(exc: Exception) -> None:
+    """Raise the server's refusal as what to set, before an `except` reads `exc` as 'not found'."""
+    if error := refused(exc, registry_uri()):
+        raise error from None
+
+
+def _server_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A registry operation refused by the server (401/403) ends in one clear UpbeatError."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return func(*args, **kwargs)
+        except MlflowException as exc:
+            _check_refused(exc)
+            raise
+
+    return wrapper
 
 
 def _signature() -> Any:
@@ -174,14 +206,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+@_server_errors
 def register_policy(
     policy_dir: str | Path,
     model_name: str,
     metrics: Mapping[str, float],
     tags: Mapping[str, str] | None = None,
+    card: model_card.CardInputs | None = None,
 ) -> str:
     """Log `policy_dir` as a pyfunc model in the active run (or a new one), register a new version
-    of `model_name`, tag it with lineage and metrics, and point `challenger` at it."""
+    of `model_name`, tag it with lineage and metrics, attach its model card (when given), and
+    point `challenger` at it."""
     import mlflow
 
     policy_dir = Path(policy_dir)
@@ -190,6 +225,7 @@ def register_policy(
     client = _client()
     started = mlflow.active_run() is None
     if started:
+        setup_mlflow()
         mlflow.start_run(run_name="register")
     try:
         info = mlflow.pyfunc.log_model(
@@ -209,8 +245,58 @@ def register_policy(
     for key, val in metrics.items():
         client.set_model_version_tag(model_name, ver, f"{METRIC_PREFIX}{key}", repr(float(val)))
     client.set_model_version_tag(model_name, ver, "registered_at", _now())
+    if card is not None:
+        _write_card(client, model_name, ver, model_card.render(card, ver), info.model_id)
     client.set_registered_model_alias(model_name, CHALLENGER, ver)
     return ver
+
+
+def _write_card(client: Any, model_name: str, ver: str, text: str, model_id: str | None) -> None:
+    """The card as the version's description and, when the version has a logged model (MLflow 3),
+    as its `MODEL_CARD.md` artifact, beside MLmodel (`models:/NAME/VERSION/MODEL_CARD.md`)."""
+    client.update_model_version(model_name, ver, description=model_card.description(text))
+    if model_id:
+        with tempfile.TemporaryDirectory(prefix="upbeat-card-") as tmp:
+            path = Path(tmp) / model_card.CARD_FILE
+            path.write_text(text, encoding="utf-8")
+            client.log_model_artifact(model_id, str(path))
+
+
+def read_card(model_name: str, ver: str, client: Any = None) -> str | None:
+    """Version `ver`'s `MODEL_CARD.md`, or None when it has none (registered without a card)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    uri = f"models:/{model_name}/{ver}/{model_card.CARD_FILE}"
+    try:
+        return mlflow.artifacts.load_text(uri)
+    except MlflowException as exc:
+        _check_refused(exc)
+        return None
+    except OSError:
+        return None
+
+
+def _record_on_card(client: Any, model_name: str, ver: str, text: str, append: bool) -> None:
+    """Write a decision about version `ver` into its card's gate section (description and
+    artifact), so the card a person reads says whether and why the version became champion."""
+    mv = client.get_model_version(model_name, ver)
+    described = model_card.set_gate(mv.description or "", text, append)
+    card = read_card(model_name, ver, client)
+    if card is None:
+        client.update_model_version(model_name, ver, description=model_card.description(described))
+        return
+    _write_card(client, model_name, ver, model_card.set_gate(card, text, append), _model_id(mv))
+
+
+def _model_id(mv: Any) -> str | None:
+    """The logged model behind a version: its `model_id`, which the registry does not always
+    fill in, else the id its `models:/m-...` source names."""
+    source = str(mv.source or "")
+    return mv.model_id or (
+        source.removeprefix("models:/") if source.startswith("models:/m-") else None
+    )
 
 
 def _version(client: Any, model_name: str, ver: str) -> Any:
@@ -218,7 +304,8 @@ def _version(client: Any, model_name: str, ver: str) -> Any:
 
     try:
         return client.get_model_version(model_name, str(ver))
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         raise UpbeatError(
             f"model {model_name!r} has no version {ver}; `upbeat status` lists the versions"
         ) from None
@@ -234,13 +321,15 @@ def files_problem(model_name: str, ver: str, client: Any = None) -> str | None:
     uri = f"models:/{model_name}/{ver}"
     try:
         where = client.get_model_version_download_uri(model_name, str(ver))
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         where = uri
     try:
         spec = yaml.safe_load(mlflow.artifacts.load_text(f"{uri}/MLmodel"))
         rel = spec["flavors"]["python_function"]["artifacts"]["policy"]["path"]
         files = mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{rel}")
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         return f"version {ver}'s files are gone from the artifact store (no MLmodel in {where})"
     except (yaml.YAMLError, KeyError, TypeError):
         return f"version {ver}'s MLmodel in {where} does not describe an upbeat policy"
@@ -267,7 +356,8 @@ def champion_version(model_name: str, client: Any = None) -> Any | None:
     client = client or _client()
     try:
         return client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         return None
 
 
@@ -298,6 +388,7 @@ def _set_champion(client: Any, model_name: str, ver: str, how: str, reason: str)
         client.set_model_version_tag(model_name, str(ver), f"champion.{key}", val[:TAG_LIMIT])
 
 
+@_server_errors
 def promote_if_passes(model_name: str, ver: str, params: GateParams) -> Decision:
     """Run the gate for version `ver` against the current champion; move `champion` if it passes."""
     client = _client()
@@ -318,9 +409,14 @@ def promote_if_passes(model_name: str, ver: str, params: GateParams) -> Decision
         client.set_model_version_tag(model_name, str(ver), key, val[:TAG_LIMIT])
     if decision.passed:
         _set_champion(client, model_name, str(ver), "gate", "; ".join(decision.reasons))
+    verdict = model_card.gate_text(
+        decision.passed, decision.reasons, tags["gate.champion_before"], tags["gate.at"]
+    )
+    _record_on_card(client, model_name, str(ver), verdict, append=False)
     return decision
 
 
+@_server_errors
 def promote(model_name: str, ver: str, reason: str) -> None:
     """Manual override: make `ver` the champion whatever the gate said, and record why."""
     if not reason.strip():
@@ -328,8 +424,13 @@ def promote(model_name: str, ver: str, reason: str) -> None:
     client = _client()
     _version(client, model_name, ver)
     _set_champion(client, model_name, str(ver), "manual", reason)
+    note = (
+        f"**made champion by hand** ({_now()}, by {getpass.getuser()}): {model_card.cell(reason)}"
+    )
+    _record_on_card(client, model_name, str(ver), note, append=True)
 
 
+@_server_errors
 def rollback(model_name: str, reason: str = "rollback") -> str:
     """Point `champion` back at the previous champion; returns that version."""
     client = _client()
@@ -355,6 +456,7 @@ def rollback(model_name: str, reason: str = "rollback") -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
+@_server_errors
 def download_policy(uri: str, dst: str | Path | None = None) -> Path:
     """Download a registered model (`models:/NAME@champion`, `models:/NAME/3`) and return the
     policy directory inside it, ready for `upbeat.models.load_policy`."""
@@ -372,6 +474,7 @@ def download_policy(uri: str, dst: str | Path | None = None) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
+        _check_refused(exc)
         raise UpbeatError(
             f"cannot load {uri}: {exc.message.splitlines()[0]} "
             "(run the pipeline with `upbeat run`, or see `upbeat status`)"
@@ -399,10 +502,12 @@ def _uri_version(client: Any, uri: str) -> tuple[str, str] | None:
         if not (name and ver.isdigit()):
             return None
         return name, str(client.get_model_version(name, ver).version)
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         return None
 
 
+@_server_errors
 def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
     """The champion (version, metrics, how it got there, whether its files are still in the
     artifact store) and the latest versions with their gate."""
@@ -411,7 +516,8 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
     client = _client()
     try:
         client.get_registered_model(model_name)
-    except MlflowException:
+    except MlflowException as exc:
+        _check_refused(exc)
         return {"model": model_name, "champion": None, "versions": [], "history": []}
     champ = champion_version(model_name, client)
     versions = client.search_model_versions(f"name = '{model_name}'")

@@ -1,6 +1,10 @@
 """MLflow tracking and DVC metrics files, shared by every stage.
 
-The store is local: `mlflow/mlflow.db` (sqlite) plus `mlflow/artifacts/`, under the project root.
+Where runs and models go is MLflow's own configuration, read, never copied: `MLFLOW_TRACKING_URI`
+(a team's tracking server; without it the store is local: `mlflow/mlflow.db` (sqlite) plus
+`mlflow/artifacts/`, under the project root), `MLFLOW_REGISTRY_URI` (a registry elsewhere; without
+it the registry is the tracking store) and MLflow's auth variables (`MLFLOW_TRACKING_USERNAME` /
+`MLFLOW_TRACKING_PASSWORD`, which only MLflow reads).
 A stage run by the Prefect flow nests under the flow's parent run (the flow passes its run id in
 `UPBEAT_PARENT_RUN_ID`); a stage run by plain `dvc repro` is a top-level run of its own.
 Metric keys are lowercase `group/name` and are the same in MLflow and in the DVC metrics JSON.
@@ -15,6 +19,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from upbeat.errors import UpbeatError
 
 EXPERIMENT = "upbeat"
 PARENT_ENV = "UPBEAT_PARENT_RUN_ID"
@@ -38,6 +45,22 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def registry_uri(root: Path | None = None) -> str:
+    """`MLFLOW_REGISTRY_URI` if set, else the tracking store (MLflow's own default)."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(root)
+
+
+def redact(uri: str) -> str:
+    """`uri` without the secret of its `user:password@` part (a lone `token@` is all secret),
+    for showing where a store is."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    who = "***" if parts.password is None else f"{parts.username}:***"
+    return urlunsplit(parts._replace(netloc=f"{who}@{host}"))
+
+
 def artifact_root(uri: str) -> str | None:
     """Where a sqlite store keeps its artifacts: `artifacts/` beside the db file (as a file URI),
     not `./mlruns` of whatever directory a process runs in. None for any other store."""
@@ -46,17 +69,42 @@ def artifact_root(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
 
 
+def refused(exc: Exception, uri: str) -> UpbeatError | None:
+    """An MLflow server's refusal (401, 403) as an error saying what to set; None otherwise."""
+    code = getattr(exc, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        return UpbeatError(
+            f"the MLflow server {redact(uri)} refused the request: no or wrong credentials (401). "
+            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (for the local stack, "
+            "`upbeat stack status --exports` prints them)"
+        )
+    if code == "PERMISSION_DENIED":
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
+        return UpbeatError(
+            f"the MLflow server {redact(uri)} refused the request: user {user!r} lacks the "
+            "permission (403). Ask the server's admin for EDIT on the experiment or MANAGE on "
+            "the registered model"
+        )
+    return None
+
+
 def setup_mlflow(root: Path | None = None, experiment: str = EXPERIMENT) -> str:
     """Point mlflow at the project store and make sure the experiment exists; returns its id."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        mlflow.set_experiment(experiment)
-        return exp.experiment_id
-    exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is not None:
+            mlflow.set_experiment(experiment)
+            return exp.experiment_id
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
+    except MlflowException as exc:
+        if error := refused(exc, uri):
+            raise error from None
+        raise
     mlflow.set_experiment(experiment)
     return exp_id
 
