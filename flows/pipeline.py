@@ -7,7 +7,10 @@ in a subprocess with `cwd=` the project:
   stages that do not depend on each other;
 - `python -m flows.pipeline repro STAGE` is `dvc repro --single-item STAGE` through DVC's API
   (DVC's CLI prints a `dvc push` hint after every stage that ran), with DVC's own log lines, and
-  a last line that says whether the stage ran.
+  a last line that says whether the stage ran;
+- `python -m flows.pipeline push REMOTE` is `dvc push --remote REMOTE` through DVC's API, with a
+  last line that says how many files went up. The plan names the default remote (None: nothing
+  configured, the embedded default), so a run without one needs no extra subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUTCOME = "upbeat-repro: "  # the prefix of `repro`'s last line: `ran` or `skipped` follows
+PUSHED = "upbeat-push: "  # the prefix of `push`'s last line: the number of files pushed follows
 
 
 class PlanError(RuntimeError):
@@ -33,6 +37,8 @@ class Plan:
     order: list[str]  # every stage, dependencies first
     upstream: dict[str, list[str]]  # the stages each stage depends on, directly or not
     stale: list[str]  # what `dvc status` reports changed
+    remote: str | None = None  # DVC's default remote (`core.remote`), None when none is set
+    remote_url: str | None = None
 
     def must_run(self, stage: str, ran: set[str]) -> bool:
         """A stage runs if DVC finds it changed or a stage it depends on ran in this flow (its
@@ -73,6 +79,11 @@ def repro_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "flows.pipeline", "repro", stage]
 
 
+def push_command(remote: str) -> list[str]:
+    """The command that pushes every cached output to `remote` (run it with `cwd=` the project)."""
+    return [sys.executable, "-m", "flows.pipeline", "push", remote]
+
+
 def _env(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     # `flows` is importable from the installed distribution; a project copy's own wins.
@@ -90,6 +101,7 @@ def _plan_cwd() -> dict[str, object]:
         position = {stage: i for i, stage in enumerate(index.stages)}
         graph = index.graph  # an edge goes from a stage to a stage it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=position.get)
+        remote = repo.config["core"].get("remote")
         return {
             "order": [stage.addressing for stage in order],
             "upstream": {
@@ -97,6 +109,8 @@ def _plan_cwd() -> dict[str, object]:
                 for stage in index.stages
             },
             "stale": sorted(repo.status()),
+            "remote": remote,
+            "remote_url": repo.config["remote"].get(remote, {}).get("url") if remote else None,
         }
 
 
@@ -116,7 +130,24 @@ def _repro_cwd(stage: str) -> int:
     return 0
 
 
+def _push_cwd(remote: str) -> int:
+    from dvc.logger import setup
+    from dvc.repo import Repo
+
+    setup()  # DVC's own error lines ("ERROR: failed to push data to the cloud - ...")
+    try:
+        with Repo(".") as repo:
+            pushed = repo.push(remote=remote)
+    except Exception:  # DvcException, or the storage client's own (a refused connection)
+        logging.getLogger("dvc").exception("")
+        return 255
+    print(PUSHED + str(pushed), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["repro"]:
         sys.exit(_repro_cwd(sys.argv[2]))
+    if sys.argv[1:2] == ["push"]:
+        sys.exit(_push_cwd(sys.argv[2]))
     json.dump(_plan_cwd(), sys.stdout)

@@ -19,9 +19,13 @@ Safety:
 - expected refusals (lock held, a stage's user error) end the run Failed with one message, no
   traceback; a traceback means a bug.
 - an MLflow parent run spans the flow; stages nest under it through `UPBEAT_PARENT_RUN_ID`.
+- storage: when DVC has a default remote, the run ends with a `dvc push` task; a failed push fails
+  the run naming the remote (the outputs stay in the workspace and the local cache), so a run is
+  never marked done with its outputs stored on this machine only. With no remote (the embedded
+  default) the push is skipped and the log says so.
 
-Run it with `upbeat run` (a temporary Prefect server, nothing to set up) or serve it on a schedule
-with `upbeat serve --cron "0 3 * * *"`.
+Run it with `upbeat run` (a temporary Prefect server, nothing to set up), serve it on a schedule
+with `upbeat serve --cron "0 3 * * *"`, or deploy it to a work pool's workers (`flows.deploy`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,15 @@ from prefect.logging import get_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 
-from flows.pipeline import OUTCOME, Plan, PlanError, repro_command, start_plan
+from flows.pipeline import (
+    OUTCOME,
+    PUSHED,
+    Plan,
+    PlanError,
+    push_command,
+    repro_command,
+    start_plan,
+)
 from flows.processes import prefect_api, run_stoppable, run_streaming, stopping
 from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
 
@@ -89,6 +101,21 @@ class StageFailed(RuntimeError):
 
 class LockHeld(RuntimeError):
     """Another retrain run holds the project lock."""
+
+
+class PushFailed(RuntimeError):
+    """`dvc push` to the project's remote failed; the outputs are only on this machine."""
+
+    def __init__(self, remote: str, url: str | None, output: str) -> None:
+        self.remote, self.url, self.output = remote, url, output
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), None)
+        reason = error or (lines[-1] if lines else "no output")
+        super().__init__(
+            f"dvc push to remote {remote!r} ({url or 'no url'}) failed: {reason}. The outputs "
+            "stay in the workspace and the local DVC cache; once the remote answers, run again "
+            "(finished stages are skipped, only the push runs) or `dvc push`"
+        )
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -206,6 +233,55 @@ def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
     return outcome[0] if outcome else "ran"
 
 
+# --- storing the outputs --------------------------------------------------------------------------
+
+
+def push_outputs(root: Path, remote: str, url: str | None, env: dict[str, str]) -> int:
+    """`dvc push` of every cached output to `remote` (`pipeline.push_command`): the number of
+    files sent, or raises `PushFailed` with DVC's error line."""
+    logger = _log()
+    lines: list[str] = []
+    pushed: list[int] = []
+
+    def on_line(line: str) -> None:
+        if line.startswith(PUSHED):
+            pushed.append(int(line.removeprefix(PUSHED)))
+        elif line and not PROGRESS_BAR.search(line):
+            logger.info(line)
+            lines.append(line)
+
+    code = run_streaming(push_command(remote), str(root), env, on_line)
+    if code != 0 or not pushed:
+        raise PushFailed(remote, url, "\n".join(lines)[-STDERR_TAIL:])
+    return pushed[0]
+
+
+@task(task_run_name="dvc push {remote}")
+def push_task(root: str, remote: str, url: str | None, env: dict[str, str]) -> int | State:
+    """`push_outputs` as a task of its own in the flow run (Cancelled when stopping)."""
+    try:
+        return push_outputs(Path(root), remote, url, env)
+    except PushFailed as exc:
+        if signame := stopping():
+            return Cancelled(message=f"dvc push stopped by {signame}")
+        return Failed(message=str(exc), data=exc)
+
+
+def store_outputs(root: Path, pipeline: Plan, env: dict[str, str]) -> tuple[State | None, int]:
+    """Push to the plan's remote: (None, files pushed) when stored, else (the failed or cancelled
+    state, 0). A task inside a flow run; a plain call in a no-op `upbeat run`, which has none."""
+    if pipeline.remote is None:
+        _log().info("no DVC remote configured: outputs stay on this machine (dvc push skipped)")
+        return None, 0
+    if flow_run.get_id() is not None:
+        state = push_task(str(root), pipeline.remote, pipeline.remote_url, env, return_state=True)
+        return (None, state.result()) if state.is_completed() else (state, 0)
+    try:
+        return None, push_outputs(root, pipeline.remote, pipeline.remote_url, env)
+    except PushFailed as exc:
+        return Failed(message=str(exc), data=exc), 0
+
+
 # --- the MLflow parent run -----------------------------------------------------------------------
 
 
@@ -244,7 +320,7 @@ def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str] | Sta
     `project` is the directory holding `dvc.yaml`; `lock_timeout` is how long to wait for another
     run to finish before refusing (0: refuse at once). A refusal or a failed stage ends the run
     Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no traceback in
-    the log); a signal ends it Cancelled.
+    the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it Cancelled.
     """
     root = Path(project).resolve()
     try:
@@ -258,6 +334,9 @@ def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str] | Sta
     if end.is_cancelled():
         return Cancelled(message=end.message)
     failed = end.result(raise_on_failure=False)  # the exception the state carries
+    if isinstance(failed, PushFailed):
+        _log().error("%s", failed)
+        return Failed(message=str(failed), data=failed)
     if not isinstance(failed, StageFailed):
         failed = RuntimeError(end.message)
     message = f"{failed}. Nothing after it ran: the champion model is unchanged"
@@ -275,6 +354,7 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
     env = stage_env(root, parent)
     results: dict[str, str] = {}
     end: State | None = None
+    returned = False  # an exception (the flow-run process told to exit) is no success either
     start = time.monotonic()
     try:
         for stage in pipeline.order:
@@ -291,8 +371,17 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
                 break
             results[stage] = state.result()
             logger.info("%s: %s", stage, results[stage])
+        if end is None:  # the run is done only once its outputs are stored
+            end, pushed = store_outputs(root, pipeline, env)
+            if pipeline.remote is not None and end is None:
+                client.set_tag(parent, "dvc.remote", pipeline.remote)
+                client.log_metric(parent, "dvc/pushed_files", pushed)
+                logger.info("dvc push: %d files sent to remote %r", pushed, pipeline.remote)
+        returned = True
     finally:
-        status = "FINISHED" if end is None else "KILLED" if end.is_cancelled() else "FAILED"
+        status = "FINISHED" if end is None and returned else "FAILED"
+        if end is not None and end.is_cancelled():
+            status = "KILLED"
         for stage, outcome in results.items():
             client.set_tag(parent, f"stage.{stage}", outcome)
         client.log_metric(parent, "flow/seconds", time.monotonic() - start)
@@ -302,7 +391,7 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
 
 def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
     """What `upbeat run` calls: `{stage: outcome}`, or raises `LockHeld`, `PlanError`,
-    `StageFailed` or `flows.processes.Stopped`.
+    `StageFailed`, `PushFailed` or `flows.processes.Stopped`.
 
     With nothing stale, the stages are recorded as skipped right here, under the lock, in the
     same MLflow record as a flow run's, without starting a Prefect server for a no-op. With a
@@ -315,7 +404,9 @@ def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
 
         planned = planning()
         if not planned.stale:
-            results, _ = run_stages(project, lambda: planned)
+            results, end = run_stages(project, lambda: planned)
+            if end is not None:
+                raise end.result(raise_on_failure=False)  # `PushFailed`
             return results
 
     def through_prefect() -> Any:

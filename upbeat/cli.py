@@ -163,6 +163,8 @@ def run(
             "fix the cause and run `upbeat run` again: finished stages are kept and skipped, the "
             "champion model is unchanged",
         ) from None
+    except flows.PushFailed as exc:
+        raise fail(str(exc)) from None
     except Stopped as exc:
         err.print(
             f"[bold red]stopped:[/] {exc}; the running stage was stopped and nothing after it ran. "
@@ -197,6 +199,36 @@ def serve(
     # SIGTERM stops serving like Ctrl-C; a temporary server is stopped with it, never orphaned.
     with contextlib.suppress(KeyboardInterrupt), interrupt_on_sigterm(), prefect_api():
         flows.serve(str(root), cron=cron, name=name)
+
+
+@app.command()
+def deploy(
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule, in UTC (none: runs only when triggered).")
+    ] = "0 3 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    pool: Annotated[
+        str, typer.Option(help="Work pool whose workers run it (the local stack's: upbeat).")
+    ] = "upbeat",
+) -> None:
+    """Deploy the retrain flow to a work pool on the Prefect server (PREFECT_API_URL): its
+    workers run it on the schedule, one run at a time."""
+    root = project()
+    from flows.deploy import DeployError
+    from flows.deploy import deploy as deploy_flow
+
+    try:
+        deployment_id = deploy_flow(root, pool, cron=cron or None, name=name)
+    except DeployError as exc:
+        raise fail(str(exc)) from None
+    when = f"on cron {cron!r} (UTC)" if cron else "when triggered"
+    console.print(
+        f"deployed retrain/{name} ({deployment_id}) to work pool {pool!r}: runs {when}, one at a "
+        f"time, in {root}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"run it now: prefect deployment run 'retrain/{name}'", highlight=False)
 
 
 @app.command()

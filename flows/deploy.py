@@ -1,0 +1,145 @@
+"""`retrain` deployed to a work pool: its workers run it on a cron schedule, one run at a time.
+
+`upbeat serve` keeps the schedule in the serving process; a deployment keeps it in the Prefect
+server, and any worker polling the pool runs it. What the deployment carries:
+- the code: `flow.from_source(<project dir>, "flows/retrain.py:retrain")`, so a process worker
+  on this machine runs the project's own files with the project as working directory (a worker
+  elsewhere needs the same path, or a git source instead);
+- one run at a time: a deployment concurrency limit of one, held by the Prefect server. A trigger
+  while a run is active waits in `AwaitingConcurrencySlot` until that run ends; the project's
+  file lock still guards against an `upbeat run` started by hand meanwhile;
+- crash detection: flow runs send a heartbeat every `heartbeat_seconds`, and an automation on the
+  server marks a run Crashed when `MISSED_HEARTBEATS` of them are missing (a killed worker or
+  machine reports nothing itself). Crashed is terminal, so the concurrency slot is released and
+  a waiting run starts; DVC then skips the stages the crashed run finished.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+ENTRYPOINT = "flows/retrain.py:retrain"
+FLOW_NAME = "retrain"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180) would leave a dead run Running longer
+MISSED_HEARTBEATS = 3  # one late heartbeat (a busy 2-core worker) must not crash a live run
+ZOMBIE_AUTOMATION = "upbeat: crash retrain runs that stopped sending heartbeats"
+
+
+class DeployError(RuntimeError):
+    """The deployment cannot be made as asked (no Prefect server, no such work pool)."""
+
+
+def deploy(
+    project: Path,
+    pool: str,
+    cron: str | None = None,
+    name: str = "scheduled",
+    heartbeat_seconds: int = HEARTBEAT_SECONDS,
+) -> UUID:
+    """Create or update the `retrain/<name>` deployment on `pool`; returns its id.
+
+    Needs a Prefect server (PREFECT_API_URL): a deployment on a temporary server would vanish
+    with it. Re-running it with the same name updates the deployment in place.
+    """
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise DeployError(
+            "PREFECT_API_URL is not set: a deployment lives on a Prefect server; point this "
+            'shell at one (the local stack: eval "$(upbeat stack status --exports)")'
+        )
+    root = project.resolve()
+    _require_pool(pool)
+    retrain = flow.from_source(source=str(root), entrypoint=ENTRYPOINT)
+    # `to_deployment(...).apply()` is what `retrain.deploy(...)` does for a pool without images,
+    # minus the console table it prints
+    deployment = retrain.to_deployment(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        concurrency_limit=1,
+        parameters={"project": str(root), "lock_timeout": 0},
+        job_variables={
+            "working_dir": str(root),
+            "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds)},
+        },
+        description="Retrain upbeat: every DVC stage, then register and gate the new model, "
+        "then push the outputs to the DVC remote.",
+    )
+    deployment_id = deployment.apply()
+    ensure_zombie_automation(heartbeat_seconds * MISSED_HEARTBEATS)
+    return deployment_id
+
+
+def _require_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise DeployError(
+                f"work pool {pool!r} does not exist on the Prefect server: create it "
+                f"(`prefect work-pool create {pool} --type process`) and start a worker "
+                f"(`prefect worker start --pool {pool}`), or pass --pool"
+            ) from None
+
+
+def zombie_automation(within_seconds: float) -> Any:
+    """Prefect's recipe for "zombie" runs, limited to this flow's runs: after a heartbeat, expect
+    another heartbeat or a terminal state within `within_seconds`, else mark the run Crashed."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A retrain run whose process died (worker killed, machine lost) reports "
+        "nothing; its missing heartbeats end it Crashed, which frees its concurrency slot.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within_seconds:.0f} s: the run's process is gone "
+                "(worker or machine killed); the next run resumes from what DVC finished",
+            )
+        ],
+    )
+
+
+def ensure_zombie_automation(within_seconds: float) -> None:
+    """Create the automation, or update it in place (a changed window)."""
+    from prefect.automations import Automation
+
+    wanted = zombie_automation(within_seconds)
+    try:
+        found = Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:  # Prefect's words for "no automation of that name"
+        wanted.create()
+        return
+    wanted.id = found.id
+    wanted.update()
