@@ -234,17 +234,17 @@ def register_policy(
             artifacts={"policy": str(policy_dir)},
             signature=_signature(),
             pip_requirements=pip_requirements(),
-            registered_model_name=model_name,
         )
     finally:
         if started:
             mlflow.end_run()
-    ver = str(info.registered_model_version)
-    for key, val in (tags or {}).items():
-        client.set_model_version_tag(model_name, ver, key, str(val)[:TAG_LIMIT])
-    for key, val in metrics.items():
-        client.set_model_version_tag(model_name, ver, f"{METRIC_PREFIX}{key}", repr(float(val)))
-    client.set_model_version_tag(model_name, ver, "registered_at", _now())
+    every_tag = {
+        **{key: str(val)[:TAG_LIMIT] for key, val in (tags or {}).items()},
+        **{f"{METRIC_PREFIX}{key}": repr(float(val)) for key, val in metrics.items()},
+        "registered_at": _now(),
+    }
+    # the version is created with all its tags at once: one request, not one per tag
+    ver = str(mlflow.register_model(info.model_uri, model_name, tags=every_tag).version)
     if card is not None:
         _write_card(client, model_name, ver, model_card.render(card, ver), info.model_id)
     client.set_registered_model_alias(model_name, CHALLENGER, ver)
