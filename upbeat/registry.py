@@ -267,7 +267,8 @@ def read_card(model_name: str, ver: str, client: Any = None) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    if client is None:
+        _client()  # points mlflow.artifacts at the configured store
     uri = f"models:/{model_name}/{ver}/{model_card.CARD_FILE}"
     try:
         return mlflow.artifacts.load_text(uri)
