@@ -10,8 +10,9 @@ from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
 from upbeat.errors import DataError, exit_on_user_error
 from upbeat.evaluate import evaluate_policies, make_prompts
+from upbeat.generation import bf16_for_inference
 from upbeat.judge import load_judge
-from upbeat.models import load_policy, set_threads
+from upbeat.models import load_policy, resolve_bf16, resolve_device, set_threads
 from upbeat.plots import write_all
 from upbeat.progress import Progress
 from upbeat.rewards import load_scorer, load_spec
@@ -33,11 +34,17 @@ def main() -> None:
 
     params = load_params()
     p = params.evaluate
-    set_threads(params.policy.num_threads)
+    device = resolve_device(params.policy.device)
+    if device.type == "cpu":
+        set_threads(params.policy.num_threads)
+    bf16 = resolve_bf16(p.bf16, device, "evaluate.bf16")
     with stage_run("evaluate", p.model_dump()):
         spec = load_spec(args.reward_spec)
         judge = load_judge(p.judge, spec)
-        sft, ppo = load_policy(args.sft), load_policy(args.ppo)
+        sft, ppo = load_policy(args.sft, device=device), load_policy(args.ppo, device=device)
+        if bf16:  # both sides alike: the before/after comparison stays like for like
+            for model, _ in (sft, ppo):
+                bf16_for_inference(model)
         texts = load_canonical(args.eval)["text"].astype(str).tolist()
         prompts = make_prompts(
             texts,

@@ -1,13 +1,20 @@
-"""DVC stage `sft`: fine-tune the policy base on the cleaned train tweets -> models/sft."""
+"""DVC stage `sft`: fine-tune the policy base on the cleaned train tweets -> models/sft.
+
+With `sft.processes` > 1 the script runs itself again under torchrun (one process per share of
+each batch, see upbeat/distributed.py) and exits with their exit code; the main process writes
+the model, metrics and MLflow records.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from upbeat.config import load_params
 from upbeat.data.sources import load_canonical
+from upbeat.distributed import is_main, local_rank, process_group, relaunch
 from upbeat.errors import exit_on_user_error
-from upbeat.models import load_policy, save_policy, set_threads
+from upbeat.models import load_policy, resolve_device, save_policy, set_threads
 from upbeat.progress import Progress
 from upbeat.sft import total_steps, train
 from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
@@ -26,23 +33,34 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    set_threads(params.policy.num_threads)
+    if (code := relaunch(params.sft.processes, params.policy, "sft.processes")) is not None:
+        sys.exit(code)
+    device = resolve_device(params.policy.device, local_rank())
+    if device.type == "cpu":
+        set_threads(params.policy.num_threads, params.sft.processes)
     train_texts = load_canonical(args.train)["text"].tolist()
     eval_texts = load_canonical(args.eval)["text"].tolist()
-    progress = Progress("sft", total_steps(len(train_texts), params.sft), fields=FIELDS)
+    with process_group(device):
+        model, tokenizer = load_policy(params.policy.base, device=device)
+        if not is_main():  # trains its share of every batch; the main process writes
+            train(model, tokenizer, train_texts, eval_texts, params.sft)
+            return
+        progress = Progress("sft", total_steps(len(train_texts), params.sft), fields=FIELDS)
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        log_metrics(metrics, step=step)
-        progress.update(step, metrics)
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            log_metrics(metrics, step=step)
+            progress.update(step, metrics)
 
-    with stage_run("sft", {**params.sft.model_dump(), "policy": params.policy.model_dump()}):
-        model, tokenizer = load_policy(params.policy.base)
-        with progress:
-            result = train(model, tokenizer, train_texts, eval_texts, params.sft, on_step=on_step)
-        save_policy(model, tokenizer, args.out)
-        write_csv(args.curve, result.curve)
-        write_json(args.metrics, result.metrics)
-        log_metrics(result.metrics)
+        run_params = {**params.sft.model_dump(), "policy": params.policy.model_dump()}
+        with stage_run("sft", run_params):
+            with progress:
+                result = train(
+                    model, tokenizer, train_texts, eval_texts, params.sft, on_step=on_step
+                )
+            save_policy(model, tokenizer, args.out)
+            write_csv(args.curve, result.curve)
+            write_json(args.metrics, result.metrics)
+            log_metrics(result.metrics)
     m = result.metrics
     print(f"sft: eval perplexity {m['sft/eval_ppl_before']:.1f} -> {m['sft/eval_ppl_after']:.1f}")
 

@@ -4,8 +4,12 @@ A checkpoint is a directory `step-000010/`:
 - `trainable.safetensors`: the trained weights by name (top blocks, final norm, value head);
 - `optimizer.safetensors`: the optimizer's per-parameter tensors, named `<param index>.<key>`
   (Adam: step, exp_avg, exp_avg_sq);
-- `state.json`: step, fingerprint, β, the metric history so far, the optimizer's param groups
-  (its hyper-parameters) and the sha256 of both tensor files.
+- `state.json`: step, fingerprint, the number of processes that trained it, β, the metric
+  history so far, the optimizer's param groups (its hyper-parameters) and the sha256 of both
+  tensor files.
+
+Tensors are saved from the CPU (a GPU run's are copied there first) and carry no device: a
+checkpoint written on a GPU resumes on a CPU and the other way round.
 
 Nothing is pickled: safetensors and JSON parsers build tensors and plain values and run no code, so
 a planted or tampered checkpoint can at worst fail to load. (`torch.load(weights_only=True)` would
@@ -45,6 +49,7 @@ _STATE_TYPES = {
     "param_groups": list,
     "sha256": dict,
 }
+_OPTIONAL = {"processes": 1}  # keys an older upbeat did not write, and what it meant
 
 
 class CheckpointError(UpbeatError):
@@ -55,11 +60,13 @@ class CheckpointError(UpbeatError):
 class Checkpoint:
     """A checkpoint read back whole: every file present and matching its hash."""
 
+    path: Path
     step: int
     fingerprint: str
+    processes: int  # how many processes trained it (each drew its own samples)
     kl_coef: float
     history: list[dict[str, float]]
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # on the CPU
     optimizer: dict[str, Any]  # a state dict for `torch.optim.Optimizer.load_state_dict`
 
 
@@ -103,9 +110,10 @@ def save_checkpoint(
     fingerprint: str,
     kl_coef: float,
     history: list[dict[str, float]],
+    processes: int = 1,
 ) -> Path:
     """Write checkpoint `step` (complete or not at all, where rename is atomic); keep the newest
-    `KEEP`."""
+    `KEEP`. Tensors are copied to the CPU first."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
     tmp = directory / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -119,6 +127,7 @@ def save_checkpoint(
     state = {
         "step": step,
         "fingerprint": fingerprint,
+        "processes": processes,
         "kl_coef": kl_coef,
         "history": history,
         "param_groups": param_groups,
@@ -133,8 +142,8 @@ def save_checkpoint(
 
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous tensors: what safetensors can serialise."""
-    return {name: t.detach().contiguous() for name, t in tensors.items()}
+    """Detached, contiguous CPU tensors: what safetensors can serialise, on any device."""
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -156,7 +165,7 @@ def _flatten_optimizer(
         for key, value in per_param.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {index}.{key} is not a tensor: cannot store it")
-            tensors[f"{index}.{key}"] = value.contiguous()
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
     return tensors, state_dict["param_groups"]
 
 
@@ -190,13 +199,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return _load(path, _read_state(path))
 
 
-def find_resumable(directory: Path, fingerprint: str) -> Resumable:
-    """The newest checkpoint of this run (same `fingerprint`) that reads back whole.
+def find_resumable(directory: Path, fingerprint: str, processes: int = 1) -> Resumable:
+    """The newest checkpoint of this run (same `fingerprint`, same number of `processes`) that
+    reads back whole.
 
     Newer ones that are missing a file, truncated or damaged are passed over, each with a line
     saying why, and deleted (so that keeping the newest two never keeps them instead of a good
     one). When none is good, or the newest readable one is another run's, every checkpoint in
-    `directory` is deleted and the run starts over.
+    `directory` is deleted and the run starts over; when it is this run's but was trained by
+    another number of processes, a line says so (each process draws its own samples: the run
+    could not continue as it started).
     """
     _remove(directory.glob(".tmp-step-*"))  # what a save killed before its rename leaves
     found = Resumable()
@@ -206,6 +218,13 @@ def find_resumable(directory: Path, fingerprint: str) -> Resumable:
             state = _read_state(path)
             if state["fingerprint"] != fingerprint:
                 break  # another run's (other params, inputs or precision): stale like the rest
+            if (written_by := state["processes"]) != processes:
+                found.skipped.append(
+                    f"step {step} was trained by {written_by} process(es), this run has "
+                    f"{processes}: a checkpoint resumes only with the `processes` it was "
+                    "written with"
+                )
+                break
             found.checkpoint = _load(path, state)
         except CheckpointError as exc:
             found.skipped.append(f"step {step} was corrupt: {exc}")
@@ -247,7 +266,9 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is truncated or damaged ({exc})") from None
     if not isinstance(state, dict):
         state = {}
+    state = {**_OPTIONAL, **state}
     bad = [key for key, kind in _STATE_TYPES.items() if not isinstance(state.get(key), kind)]
+    bad += [key for key, default in _OPTIONAL.items() if type(state[key]) is not type(default)]
     if bad:
         raise CheckpointError(f"{file} lacks a valid {', '.join(bad)}")
     return state
@@ -257,8 +278,10 @@ def _load(path: Path, state: dict[str, Any]) -> Checkpoint:
     """The tensors of checkpoint `path` (checked against `state`'s hashes) and its state."""
     optimizer = _read_tensors(path / OPTIMIZER, state["sha256"])
     return Checkpoint(
+        path=path,
         step=state["step"],
         fingerprint=state["fingerprint"],
+        processes=state["processes"],
         kl_coef=state["kl_coef"],
         history=state["history"],
         weights=_read_tensors(path / WEIGHTS, state["sha256"]),

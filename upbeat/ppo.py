@@ -1,4 +1,4 @@
-"""PPO-RLHF for a causal LM on CPU, in one file that reads like the algorithm.
+"""PPO-RLHF for a causal LM on a CPU or a GPU, in one file that reads like the algorithm.
 
 Read top to bottom: math helpers (masked stats, whitening, KL controllers, GAE, the two clipped
 losses) → the "hydra" policy/reference that share one frozen trunk → prompts → the train loop with
@@ -34,9 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from upbeat import distributed
 from upbeat.checkpoints import (
+    Checkpoint,
     find_resumable,
     fingerprint,
+    load_checkpoint,
     remove_checkpoints,
     save_checkpoint,
 )
@@ -44,8 +47,10 @@ from upbeat.config import PPOParams
 from upbeat.errors import TrainingError
 from upbeat.generation import pack_bf16_linears, sample
 from upbeat.models import (
+    autocast,
     final_norm,
     freeze_except_top_blocks,
+    model_device,
     position_ids_from_mask,
     resolve_bf16,
     transformer_blocks,
@@ -57,21 +62,47 @@ StepCallback = Callable[[int, dict[str, float]], None]
 # --- math: pure functions on tensors, unit-tested against hand-computed values ------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens only (token-level mean: long and short responses weigh per token)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance over real tokens."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+def _here(t: torch.Tensor) -> torch.Tensor:
+    """The sum over processes with one process: its own value (`distributed.all_sum` with more)."""
+    return t
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to std 1 (and mean 0 unless `shift_mean=False`) over real tokens; 0 elsewhere."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over real tokens only (token-level mean: long and short responses weigh per token).
+
+    `n_tokens`: divide by this count instead of the real tokens here. With several processes,
+    each divides by the minibatch's count over all of them, and the shares sum to the mean.
+    """
+    n = mask.sum() if n_tokens is None else n_tokens
+    return (x * mask).sum() / n.clamp(min=1)
+
+
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _here
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance over real tokens; `reduce` sums each partial sum over processes
+    (`distributed.all_sum`), so every process gets the whole batch's moments."""
+    n = reduce(mask.sum())
+    mean = reduce((x * mask).sum()) / n.clamp(min=1)
+    return mean, reduce(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _here) -> torch.Tensor:
+    """Unbiased variance over real tokens (of every process, with `reduce`)."""
+    return masked_moments(x, mask, reduce)[1]
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce = _here
+) -> torch.Tensor:
+    """Normalise to std 1 (and mean 0 unless `shift_mean=False`) over real tokens; 0 elsewhere.
+    With `reduce`, the mean and std are those of every process's tokens together."""
+    mean, var = masked_moments(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -103,7 +134,8 @@ class _TokenLogProbs(torch.autograd.Function):
         if bias is not None:
             logits = logits + bias
         n = logits.shape[0]
-        logprobs, entropy = torch.empty(n), torch.zeros(n)  # (N,) each, fp32
+        logprobs = torch.empty(n, device=logits.device)  # (N,) fp32
+        entropy = torch.zeros(n, device=logits.device)  # (N,) fp32
         for i in range(0, n, rows):
             logp = _fp32(torch.log_softmax, logits[i : i + rows], temperature)  # (rows, V)
             logprobs[i : i + rows] = logp.gather(1, tokens[i : i + rows, None]).squeeze(1)
@@ -197,7 +229,7 @@ def kl_rewards(
     kl = (logprobs - ref_logprobs) * response_mask  # (B, R)
     rewards = -beta * kl  # (B, R)
     last = response_mask.sum(1).long().clamp(min=1) - 1  # (B,) index of the last real token
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(score), device=score.device), last] += score
     return rewards, kl.sum(1)
 
 
@@ -234,16 +266,18 @@ def policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     cliprange: float,
+    n_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate. Returns (loss, clipfrac, approx_kl, mean ratio) over real tokens."""
+    """PPO's clipped surrogate. Returns (loss, clipfrac, approx_kl, mean ratio) over real tokens
+    (each this process's share when `n_tokens` counts every process's: see `masked_mean`)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), response_mask)
-    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), response_mask)
-    approx_kl = 0.5 * masked_mean(log_ratio**2, response_mask)  # TRL's estimator of KL(old‖new)
-    return loss, clipfrac, approx_kl, masked_mean(ratio, response_mask)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), response_mask, n_tokens)
+    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), response_mask, n_tokens)
+    approx_kl = 0.5 * masked_mean(log_ratio**2, response_mask, n_tokens)  # TRL's KL(old‖new)
+    return loss, clipfrac, approx_kl, masked_mean(ratio, response_mask, n_tokens)
 
 
 def value_loss(
@@ -252,22 +286,28 @@ def value_loss(
     returns: torch.Tensor,
     response_mask: torch.Tensor,
     cliprange_value: float,
+    n_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss (PPO2 baselines): 0.5·max((v − R)², (clip(v, v_old ± ε) − R)²)."""
+    """Clipped value loss (PPO2 baselines): 0.5·max((v − R)², (clip(v, v_old ± ε) − R)²), and
+    the fraction clipped (shares of every process's when `n_tokens` is given, as above)."""
     values_clipped = old_values + torch.clamp(
         values - old_values, -cliprange_value, cliprange_value
     )
     losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
     clipfrac = masked_mean(
-        ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(), response_mask
+        ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(), response_mask, n_tokens
     )
-    return 0.5 * masked_mean(losses, response_mask), clipfrac
+    return 0.5 * masked_mean(losses, response_mask, n_tokens), clipfrac
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _here
+) -> float:
     """1 − Var(returns − values) / Var(returns): 1 is a perfect critic, ≤ 0 a useless one."""
-    var_returns = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else 0.0
+    var_returns = masked_var(returns, mask, reduce)
+    if not var_returns > 0:  # also NaN: no variance to explain
+        return 0.0
+    return float(1 - masked_var(returns - values, mask, reduce) / var_returns)
 
 
 # --- the hydra: policy and reference share one frozen trunk -------------------------------------
@@ -294,14 +334,16 @@ class Hydra(nn.Module):
         self.model = model
         self.n_top = n_top
         self.bf16 = bf16
+        self.device = model_device(model)
+        on_cpu = self.device.type == "cpu"
         self.trainable = freeze_except_top_blocks(model, n_top)
         blocks = transformer_blocks(model)
         self.split = len(blocks) - n_top  # index of the first trained block
-        # bf16: a bf16 copy of the model for sampling (and its LM head for every forward). Half
-        # the bytes per weight samples faster, and under autocast the frozen fp32 weights would
-        # be cast again on every call (autocast only caches casts of trainable weights). The fp32
-        # model is the one trained and saved.
-        self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 else None
+        # bf16 on the CPU: a bf16 copy of the model for sampling (and its LM head for every
+        # forward). Half the bytes per weight samples faster, and under autocast the frozen fp32
+        # weights would be cast again on every call (autocast only caches casts of trainable
+        # weights). The fp32 model is the one trained and saved. A GPU samples under autocast.
+        self.frozen_bf16 = _frozen_bf16_copy(model) if bf16 and on_cpu else None
         # Its linear layers multiply by oneDNN-prepacked weights (faster decode matmuls).
         packed = [] if self.frozen_bf16 is None else pack_bf16_linears(self.frozen_bf16)
         # (copy, original) for each trained weight, paired by name: refreshed before each rollout,
@@ -312,11 +354,11 @@ class Hydra(nn.Module):
         ]
         refreshed = {id(f) for f, _ in self._bf16_pairs}
         self._to_repack = [m for m in packed if id(m.weight) in refreshed]
-        # bf16 training forwards run eager attention (matmul, softmax, matmul): PyTorch's CPU
-        # SDPA backward is the slower one in bf16 (not in fp32). Set after the sampling copy is
-        # taken (it keeps SDPA, no slower for decoding) and before the reference copies, which
-        # must attend exactly as the policy does.
-        if bf16:
+        # bf16 training forwards on the CPU run eager attention (matmul, softmax, matmul):
+        # PyTorch's CPU SDPA backward is the slower one in bf16 (not in fp32; a GPU keeps SDPA).
+        # Set after the sampling copy is taken (it keeps SDPA, no slower for decoding) and before
+        # the reference copies, which must attend exactly as the policy does.
+        if bf16 and on_cpu:
             model.set_attn_implementation("eager")
         # Reference top: frozen copies of the SFT weights, taken before any update.
         self.ref_blocks = nn.ModuleList(copy.deepcopy(b) for b in blocks[self.split :])
@@ -326,7 +368,7 @@ class Hydra(nn.Module):
         # Zero-initialised value head: V ≡ 0 at the start, so early advantages are the rewards
         # themselves rather than noise from a random critic (N implementation details, #8).
         hidden = model.get_input_embeddings().weight.shape[1]
-        self.value_head = nn.Linear(hidden, 1)
+        self.value_head = nn.Linear(hidden, 1, device=self.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -343,6 +385,11 @@ class Hydra(nn.Module):
         with torch.no_grad():
             for name, p in self.trained_parameters().items():
                 p.copy_(weights[name])
+
+    def autocast(self, sampling: bool = False) -> torch.autocast:
+        """bf16 autocast for this hydra's forwards; sampling needs none where the bf16 copy
+        samples (the CPU)."""
+        return autocast(self.device, self.bf16 and not (sampling and self.frozen_bf16 is not None))
 
     def sampling_model(self) -> Any:
         """The model to sample from: the policy itself, or in bf16 mode the bf16 copy with the
@@ -510,14 +557,11 @@ class Episodes:
 
 def _rng(seed: int, step: int) -> np.random.Generator:
     """Everything random in step `step` comes from (seed, step), so a resumed run draws the same
-    prompts, samples and minibatch orders as an uninterrupted one."""
-    return np.random.default_rng([seed, step])
-
-
-def _autocast(bf16: bool) -> torch.autocast:
-    """bf16 matmuls (AVX-512 BF16 / AMX) for the reference and training forwards (sampling uses
-    the hydra's bf16 copy); trained weights, optimizer state and the softmax stay fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    prompts, samples and minibatch orders as an uninterrupted one. With several processes each
+    has its own stream, from (seed, step, rank): they draw different prompts and samples."""
+    if distributed.size() == 1:
+        return np.random.default_rng([seed, step])
+    return np.random.default_rng([seed, step, distributed.rank()])
 
 
 def train(
@@ -539,14 +583,32 @@ def train(
     `resume`, training continues from the newest good one if it was written with the same params
     and `run_key` (`PPOResult.skipped_checkpoints` says why newer ones were passed over).
     `on_step(step, metrics)` is called after every step (logging lives with the caller).
+
+    Under torchrun (`cfg.processes` > 1, see `upbeat.distributed`) each process samples, scores
+    and trains on its share of every batch and minibatch (`share` below); the statistics that must
+    be the whole batch's are summed over the processes (advantage whitening, the β update, the
+    logged metrics) and so are the gradients. The main process alone writes checkpoints and calls
+    `on_step`.
     """
     # 0. Setup. Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader
     #    also zeroes dropout probabilities).
     model.eval()
+    device = model_device(model)  # where every tensor of the run lives
     pool = prompt_pool(tokenizer, texts, cfg.prompt_min_tokens)
     if not pool:
         raise TrainingError(f"no train text has more than {cfg.prompt_min_tokens} tokens")
-    bf16 = resolve_bf16(cfg.bf16)  # `auto`: only where the CPU has bf16 matmuls in hardware
+    world = distributed.size()
+    if world != cfg.processes:
+        raise TrainingError(
+            f"ppo.processes is {cfg.processes} but {world} processes are running; the stage "
+            "launches them itself (see upbeat/distributed.py)"
+        )
+    # This process's share of every batch and minibatch (the whole of them with one process).
+    share = cfg.model_copy(
+        update=dict(batch_size=cfg.batch_size // world, minibatch_size=cfg.minibatch_size // world)
+    )
+    main = distributed.is_main()
+    bf16 = resolve_bf16(cfg.bf16, device)  # `auto`: only where the device has bf16 hardware
     attention = model.config._attn_implementation  # the hydra switches it for bf16 training
     try:
         hydra = Hydra(model, cfg.train_top_blocks, bf16=bf16)
@@ -564,32 +626,36 @@ def train(
         result = PPOResult()
         # A checkpoint resumes only the run it came from: same params, same `run_key` (the
         # caller's identity of model and reward), same precision as resolved (`auto` differs per
-        # machine) and same trained weights; anything else in the directory is stale and removed.
+        # machine), same trained weights and same process count (recorded beside the
+        # fingerprint, so that a run with another count can say so); anything else in the
+        # directory is stale and removed. The device is not part of it: checkpoints hold CPU
+        # tensors, loaded onto whatever device this run has.
         run_id = fingerprint(
-            cfg.model_dump_json(),
+            cfg.model_dump_json(exclude={"processes"}),
             run_key,
             f"bf16={bf16}",
             *(f"{name}{tuple(p.shape)}" for name, p in trained.items()),
         )
         ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt_dir is not None and resume:
-            found = find_resumable(ckpt_dir, run_id)
-            result.skipped_checkpoints = found.skipped
-            if (ckpt := found.checkpoint) is not None:
+            ckpt, result.skipped_checkpoints = _resume_point(ckpt_dir, run_id, world)
+            if ckpt is not None:
                 hydra.load_trained(ckpt.weights)
                 optimizer.load_state_dict(ckpt.optimizer)
                 kl_ctl.value = ckpt.kl_coef
                 result.history, result.resumed_from = ckpt.history, ckpt.step
-        elif ckpt_dir is not None:
+        elif ckpt_dir is not None and main:
             remove_checkpoints(ckpt_dir)
 
         for step in range(result.resumed_from, cfg.steps):
             rng = _rng(cfg.seed, step)
+            # A CPU generator on every device: the same uniforms, hence tokens, on a CPU or a GPU.
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             clock = _Clock()
 
             # 1. Prompts: the first k tokens of random train tweets, left-padded.
-            query_ids, query_mask = draw_prompts(pool, tokenizer, cfg, rng)  # (B, Tq)
+            query_ids, query_mask = draw_prompts(pool, tokenizer, share, rng)  # (B, Tq)
+            query_ids, query_mask = query_ids.to(device), query_mask.to(device)
 
             # 2. Rollout: sample responses, capturing the trunk's output on the way.
             ep = sample_episodes(hydra, tokenizer, query_ids, query_mask, cfg, gen)
@@ -610,35 +676,48 @@ def train(
             beta = kl_ctl.value
             rewards, seq_kl = kl_rewards(score, old_logprobs, ref_logprobs, mask, beta)
 
-            # 6. Advantages by GAE(γ, λ); whitened per batch (trick: advantage normalisation).
+            # 6. Advantages by GAE(γ, λ); whitened over the whole batch (every process's tokens)
+            #    (trick: advantage normalisation).
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask)
+                advantages = whiten(advantages, mask, reduce=distributed.all_sum)
 
-            # 7. PPO epochs over shuffled minibatches.
-            update = ppo_epochs(
-                hydra, optimizer, ep, old_logprobs, old_values, advantages, returns, cfg, rng, step
-            )
+            # 7. PPO epochs over shuffled minibatches (of this process's share).
+            b_rollout = (old_logprobs, old_values, advantages, returns)  # (B, R) each
+            update = ppo_epochs(hydra, optimizer, ep, *b_rollout, share, rng, step)
             clock.lap("train")
 
-            # 8. Adapt β to the measured sequence KL, log, checkpoint.
-            kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+            # 8. Adapt β to the whole batch's sequence KL, log, checkpoint.
+            b_seq_kl = distributed.all_rows(seq_kl)  # (B,) every process's episodes
+            kl_ctl.update(b_seq_kl.mean().item(), cfg.batch_size)
             metrics = {
-                **objective_metrics(raw_score, score, seq_kl, rewards, beta),
-                "policy/entropy": masked_mean(entropy, mask).item(),
+                **objective_metrics(
+                    distributed.all_rows(raw_score),
+                    distributed.all_rows(score),
+                    b_seq_kl,
+                    distributed.all_rows(rewards.sum(1)),
+                    beta,
+                ),
+                "policy/entropy": masked_moments(entropy, mask, distributed.all_sum)[0].item(),
                 **update,
-                "val/explained_variance": explained_variance(old_values, returns, mask),
-                "response/length": mask.sum(1).mean().item(),
-                "response/eos_fraction": _ends_with_eos(ep, tokenizer).float().mean().item(),
+                "val/explained_variance": explained_variance(
+                    old_values, returns, mask, distributed.all_sum
+                ),
+                "response/length": distributed.all_rows(mask.sum(1)).mean().item(),
+                "response/eos_fraction": distributed.all_rows(_ends_with_eos(ep, tokenizer).float())
+                .mean()
+                .item(),
                 **clock.laps,
                 "perf/episodes_per_s": cfg.batch_size / clock.total,
                 "perf/bf16": float(bf16),  # what `ppo.bf16` resolved to on this machine
             }
             result.history.append(metrics)
-            if on_step is not None:
+            if main and on_step is not None:
                 on_step(step + 1, metrics)
-            if ckpt_dir is not None and (
-                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            if (
+                main
+                and ckpt_dir is not None
+                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
             ):
                 save_checkpoint(
                     ckpt_dir,
@@ -646,12 +725,28 @@ def train(
                     trained,
                     optimizer,
                     fingerprint=run_id,
+                    processes=world,
                     kl_coef=kl_ctl.value,
                     history=result.history,
                 )
     finally:
         model.set_attn_implementation(attention)  # also when a step raises or is interrupted
     return result
+
+
+def _resume_point(
+    directory: Path, run_id: str, processes: int
+) -> tuple[Checkpoint | None, list[str]]:
+    """The checkpoint to resume from (None: start over) and why newer ones were passed over. The
+    main process finds and checks it (and alone deletes the bad ones); the others read the one
+    it chose."""
+    if distributed.is_main():
+        found = find_resumable(directory, run_id, processes)
+        chosen = found.checkpoint.path if found.checkpoint is not None else None
+        distributed.broadcast((chosen, found.skipped))
+        return found.checkpoint, found.skipped
+    chosen, skipped = distributed.broadcast(None)
+    return (load_checkpoint(chosen) if chosen is not None else None), skipped
 
 
 def sample_episodes(
@@ -662,19 +757,21 @@ def sample_episodes(
     cfg: PPOParams,
     generator: torch.Generator,
 ) -> Episodes:
-    """Step 2: KV-cache sampling from softmax(logits / T) (bf16 mode: from the all-bf16 copy, no
-    autocast). The trunk's output is captured on the way, so no later forward recomputes it."""
-    s = sample(
-        hydra.sampling_model(),
-        query_ids,
-        query_mask,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        generator=generator,
-        capture_block=hydra.split,
-    )
+    """Step 2: KV-cache sampling from softmax(logits / T) (bf16 on the CPU: from the all-bf16
+    copy, no autocast; on a GPU: under autocast). The trunk's output is captured on the way, so no
+    later forward recomputes it."""
+    with hydra.autocast(sampling=True):
+        s = sample(
+            hydra.sampling_model(),
+            query_ids,
+            query_mask,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+            capture_block=hydra.split,
+        )
     # The last sampled token is never fed back, so the trunk saw Tq + R − 1 positions.
     fed_back = s.response_ids[:, :-1]  # (B, R−1)
     return Episodes(
@@ -694,12 +791,13 @@ def score_episodes(
     by the missing-EOS penalty (TRL ppov2): a response cut at max_new_tokens loses that much."""
     texts = [
         tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-        for r, m in zip(ep.response_ids, ep.response_mask, strict=True)
+        for r, m in zip(ep.response_ids.cpu(), ep.response_mask.cpu(), strict=True)
     ]
     if cfg.score_on == "prompt_response":
-        prompts = tokenizer.batch_decode(ep.query_ids, skip_special_tokens=True)
+        prompts = tokenizer.batch_decode(ep.query_ids.cpu(), skip_special_tokens=True)
         texts = [p + r for p, r in zip(prompts, texts, strict=True)]
-    raw_score = torch.as_tensor(np.asarray(scorer(texts), dtype=np.float64)).float()  # (B,)
+    scores = np.asarray(scorer(texts), dtype=np.float64)
+    raw_score = torch.as_tensor(scores, device=ep.response_ids.device).float()  # (B,)
     if not torch.isfinite(raw_score).all():
         raise TrainingError(f"step {step}: the reward returned NaN/inf; stopping")
     if cfg.missing_eos_penalty is None:
@@ -724,7 +822,7 @@ def evaluate_episodes(
     policy, logged once per step.
     """
     args = (ep.input_ids, ep.attention_mask, ep.trunk, ep.response_ids, temperature)
-    with torch.no_grad(), _autocast(hydra.bf16):
+    with torch.no_grad(), hydra.autocast():
         logprobs, values, entropy = hydra(*args, entropy=True)
         ref_logprobs, _, _ = hydra(*args, reference=True)
     assert entropy is not None  # asked for above
@@ -746,7 +844,12 @@ def ppo_epochs(
 ) -> dict[str, float]:
     """Step 7: `cfg.ppo_epochs` passes over shuffled minibatches — clipped policy + clipped value
     loss, gradient clipping, and TRL's ratio_threshold guard (a minibatch whose ratio exploded
-    is skipped). `b_*` are the (B, R) rollout tensors; returns the updates' mean statistics."""
+    is skipped). `b_*` are the (B, R) rollout tensors; returns the updates' mean statistics.
+
+    With several processes, `cfg` holds this process's share of the batch and minibatch sizes;
+    each divides its losses by the minibatch's token count over every process and the gradients
+    are summed, so each update is the one a single process would make on the union of the shares.
+    The statistics (and so the guard's decision) are the union's too."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats: dict[str, list[float]] = {
         k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")
@@ -755,9 +858,12 @@ def ppo_epochs(
     for _ in range(cfg.ppo_epochs):
         order = rng.permutation(cfg.batch_size)
         for mb_start in range(0, cfg.batch_size, cfg.minibatch_size):
-            mb = torch.as_tensor(order[mb_start : mb_start + cfg.minibatch_size])
+            mb = torch.as_tensor(
+                order[mb_start : mb_start + cfg.minibatch_size], device=hydra.device
+            )
             mb_mask = ep.response_mask[mb]
-            with _autocast(hydra.bf16):
+            n_tokens = distributed.all_sum(mb_mask.sum())  # the minibatch's, every process's
+            with hydra.autocast():
                 mb_logprobs, mb_values, _ = hydra(
                     ep.input_ids[mb],
                     ep.attention_mask[mb],
@@ -766,30 +872,30 @@ def ppo_epochs(
                     cfg.temperature,
                 )
             pg_loss, clipfrac, approx_kl, mean_ratio = policy_loss(
-                mb_logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.cliprange
+                mb_logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.cliprange, n_tokens
             )
             vf_loss, vf_clipfrac = value_loss(
-                mb_values, b_values[mb], b_returns[mb], mb_mask, cfg.cliprange_value
+                mb_values, b_values[mb], b_returns[mb], mb_mask, cfg.cliprange_value, n_tokens
             )
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            if not torch.isfinite(loss):
+            loss = pg_loss + cfg.vf_coef * vf_loss  # this process's share of the minibatch's
+            shares = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac, mean_ratio])
+            pg, vf, cf, kl, vf_cf, ratio = distributed.all_sum(shares.detach()).tolist()
+            if not math.isfinite(pg + cfg.vf_coef * vf):
                 raise TrainingError(
-                    f"step {step}: the PPO loss is NaN/inf (policy {pg_loss.item()}, value "
-                    f"{vf_loss.item()}); stopping. The last good checkpoint is kept; lower "
-                    "ppo.learning_rate or raise ppo.init_kl_coef"
+                    f"step {step}: the PPO loss is NaN/inf (policy {pg}, value {vf}); stopping. "
+                    "The last good checkpoint is kept; lower ppo.learning_rate or raise "
+                    "ppo.init_kl_coef"
                 )
-            if mean_ratio.item() > cfg.ratio_threshold:
+            if ratio > cfg.ratio_threshold:
                 skipped += 1  # the update would be far off-policy: skip it, log it
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sum_gradients(params)
             nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            stats["pg"].append(pg_loss.item())
-            stats["vf"].append(vf_loss.item())
-            stats["clipfrac"].append(clipfrac.item())
-            stats["approx_kl"].append(approx_kl.item())
-            stats["vf_clipfrac"].append(vf_clipfrac.item())
+            for key, value in zip(stats, (pg, vf, cf, kl, vf_cf), strict=True):
+                stats[key].append(value)
     return {
         "policy/clipfrac": _mean(stats["clipfrac"]),
         "policy/approx_kl": _mean(stats["approx_kl"]),
@@ -828,10 +934,11 @@ def objective_metrics(
     raw_score: torch.Tensor,
     score: torch.Tensor,
     seq_kl: torch.Tensor,
-    rewards: torch.Tensor,
+    reward_sums: torch.Tensor,
     beta: float,
 ) -> dict[str, float]:
-    """`objective/*`: the KL-penalised reward the policy maximises, its parts, and this step's β."""
+    """`objective/*`: the KL-penalised reward the policy maximises, its parts, and this step's β.
+    Each argument is (B,), one value per episode; `reward_sums` are the per-token rewards'."""
     reward = score - beta * seq_kl  # (B,)
     return {
         "objective/reward": reward.mean().item(),
@@ -839,7 +946,7 @@ def objective_metrics(
         "objective/score": raw_score.mean().item(),
         "objective/score_std": raw_score.std().item(),
         "objective/kl": seq_kl.mean().item(),
-        "objective/non_score_reward": (rewards.sum(1) - score).mean().item(),
+        "objective/non_score_reward": (reward_sums - score).mean().item(),
         "objective/beta": beta,
     }
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from upbeat.errors import DataError, TrainingError
-from upbeat.models import freeze_except_top_blocks, position_ids_from_mask
+from upbeat.models import (
+    autocast,
+    freeze_except_top_blocks,
+    model_device,
+    position_ids_from_mask,
+    resolve_bf16,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +56,14 @@ def tokenize(
 
 
 def collate(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a batch (as generation does) with a mask, mask-derived positions and labels."""
+    """Left-pad a batch (as generation does) with a mask, mask-derived positions and labels.
+
+    A token is a target only when a real token precedes it: the labels are shifted by one inside
+    the loss, so a left-padded row's first token would otherwise be "predicted" from a padding
+    position, whose output depends on how the attention kernel fills a row with no key to attend
+    to (eager and SDPA differ), not on the text. An unpadded row's first token is never a target
+    either.
+    """
     import torch
 
     width = max(len(s) for s in seqs)
@@ -59,7 +72,9 @@ def collate(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     for row, ids in enumerate(seqs):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)  # (B, T)
+    after_real = torch.zeros_like(attention_mask)  # (B, T) 1 where the previous token is real
+    after_real[:, 1:] = attention_mask[:, :-1]
+    labels = input_ids.masked_fill(after_real == 0, IGNORE)  # (B, T)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -69,18 +84,31 @@ def collate(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def eval_perplexity(
-    model: PreTrainedModel, seqs: Sequence[list[int]], pad_id: int, batch_size: int
+    model: PreTrainedModel,
+    seqs: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int,
+    *,
+    bf16: bool = False,
 ) -> float:
-    """exp(mean next-token NLL over all real tokens): each token weighs the same, not each batch."""
+    """exp(mean next-token NLL over all real tokens): each token weighs the same, not each batch.
+
+    With several processes each scores every `size()`-th sequence and the sums are combined.
+    """
     import torch
     import torch.nn.functional as F
 
+    from upbeat import distributed
+
+    device = model_device(model)
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(seqs), batch_size):
-            batch = collate(seqs[start : start + batch_size], pad_id)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    mine = seqs[distributed.rank() :: distributed.size()]
+    with torch.inference_mode(), autocast(device, bf16):
+        for start in range(0, len(mine), batch_size):
+            batch = _to(collate(mine[start : start + batch_size], pad_id), device)
             labels = batch.pop("labels")
             logits = model(**batch).logits[:, :-1]  # (B, T-1, V) predicts token t+1
             targets = labels[:, 1:]  # (B, T-1)
@@ -89,10 +117,10 @@ def eval_perplexity(
                 targets.reshape(-1),
                 ignore_index=IGNORE,
                 reduction="sum",
-            ).item()
-            count += int((targets != IGNORE).sum())
+            )
+            count += (targets != IGNORE).sum()
     model.train(was_training)
-    return math.exp(nll / count)
+    return math.exp(distributed.all_sum(nll).item() / distributed.all_sum(count).item())
 
 
 def total_steps(n_train: int, params: SFTParams) -> int:
@@ -109,21 +137,32 @@ def train(
     *,
     on_step: StepFn | None = None,
 ) -> SFTResult:
-    """Fine-tune `model` in place; returns eval perplexity before/after and the loss curve.
+    """Fine-tune `model` in place, on the device it is on; returns eval perplexity before/after
+    and the loss curve.
 
     `on_step(step, metrics)` gets `sft/loss` and `sft/lr` after every optimizer step, plus
     `sft/eval_ppl` at the last step of each epoch; step 0 (before training) has `sft/eval_ppl` only.
 
     Same seed, same texts and same thread count give bit-identical weights on CPU: dropout is off
     (load_policy zeroes it) and the only randomness is the seeded shuffle.
+
+    Under torchrun (`upbeat.distributed`) every process draws the same shuffle and takes every
+    `size()`-th row of each batch (`DistributedSampler`'s split), so the processes together train
+    on exactly the batches one process would; each divides its summed token loss by the batch's
+    token count over all processes and the gradients are summed, which gives the one-process
+    gradient. `on_step` is called in the main process only.
     """
     import torch
     from transformers import get_linear_schedule_with_warmup
+
+    from upbeat import distributed
 
     if not train_texts:
         raise DataError("sft: the train split is empty")
     if not eval_texts:
         raise DataError("sft: the eval split is empty")
+    device = model_device(model)
+    bf16 = resolve_bf16(params.bf16, device, "sft.bf16")
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     train_texts = _cap(train_texts, params.max_train_examples, gen)
@@ -131,6 +170,8 @@ def train(
     train_seqs = tokenize(train_texts, tokenizer, params.max_length)
     eval_seqs = tokenize(eval_texts, tokenizer, params.max_length)
     pad_id = tokenizer.pad_token_id
+    rank, world = distributed.rank(), distributed.size()
+    report = on_step if distributed.is_main() else None
 
     trainable = freeze_except_top_blocks(model, params.train_top_blocks)
     # No weight decay: a few hundred steps from a pretrained model, nothing to regularise towards.
@@ -141,42 +182,62 @@ def train(
         optimizer, params.warmup_steps, total_steps(len(train_texts), params)
     )
 
-    ppl_before = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
-    if on_step is not None:
-        on_step(0, {"sft/eval_ppl": ppl_before})
+    attention = model.config._attn_implementation  # evaluations and the saved model use it
+    # bf16 training on the CPU runs eager attention: PyTorch's CPU SDPA backward is the slower one
+    # in bf16 (as in PPO's hydra); a GPU keeps SDPA.
+    training_attention = "eager" if bf16 and device.type == "cpu" else attention
+
+    def perplexity() -> float:
+        """Of the model as it is loaded and saved, whatever attention training runs."""
+        model.set_attn_implementation(attention)
+        return eval_perplexity(model, eval_seqs, pad_id, params.batch_size, bf16=bf16)
+
+    ppl_before = perplexity()
+    if report is not None:
+        report(0, {"sft/eval_ppl": ppl_before})
     curve: list[dict[str, float]] = []
-    tokens, losses, started = 0, [], time.perf_counter()
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    losses, started = [], time.perf_counter()
     model.train()
     step = 0
-    for epoch in range(params.epochs):
-        order = torch.randperm(len(train_seqs), generator=gen).tolist()
-        starts = range(0, len(order), params.batch_size)
-        for start in starts:
-            rows = order[start : start + params.batch_size]
-            batch = collate([train_seqs[i] for i in rows], pad_id)
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"sft: loss is {loss.item()} at step {step + 1}; "
-                    "lower sft.learning_rate (weights were not saved)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            tokens += int(batch["attention_mask"].sum())
-            losses.append(loss.item())
-            row = {"step": step, "epoch": epoch + 1, "loss": losses[-1]}
-            row["lr"] = scheduler.get_last_lr()[0]
-            curve.append(row)
-            reported = {"sft/loss": row["loss"], "sft/lr": row["lr"]}
-            if start == starts[-1]:  # the epoch's eval is reported with its last step
-                ppl = eval_perplexity(model, eval_seqs, pad_id, params.batch_size)
-                reported["sft/eval_ppl"] = ppl
-            if on_step is not None:
-                on_step(step, reported)
+    try:
+        for epoch in range(params.epochs):
+            model.set_attn_implementation(training_attention)
+            order = torch.randperm(len(train_seqs), generator=gen).tolist()  # same in every process
+            starts = range(0, len(order), params.batch_size)
+            for start in starts:
+                rows = order[start : start + params.batch_size][rank::world]  # this process's share
+                seqs = [train_seqs[i] for i in rows]
+                batch = _to(collate(seqs, pad_id), device) if seqs else None
+                loss = _share_loss(model, batch, device, bf16)
+                batch_loss = distributed.all_sum(loss.detach()).item()  # the whole batch's mean
+                if not math.isfinite(batch_loss):
+                    raise TrainingError(
+                        f"sft: loss is {batch_loss} at step {step + 1}; "
+                        "lower sft.learning_rate (weights were not saved)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if batch is not None:
+                    loss.backward()
+                distributed.sum_gradients(trainable)
+                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if batch is not None:
+                    tokens += batch["attention_mask"].sum()
+                losses.append(batch_loss)
+                row = {"step": step, "epoch": epoch + 1, "loss": losses[-1]}
+                row["lr"] = scheduler.get_last_lr()[0]
+                curve.append(row)
+                reported = {"sft/loss": row["loss"], "sft/lr": row["lr"]}
+                if start == starts[-1]:  # the epoch's eval is reported with its last step
+                    ppl = perplexity()
+                    reported["sft/eval_ppl"] = ppl
+                if report is not None:
+                    report(step, reported)
+    finally:
+        model.set_attn_implementation(attention)  # the saved model attends as it was loaded
     model.eval()
     seconds = time.perf_counter() - started
     tail = losses[-max(1, steps_per_epoch // 4) :]  # last quarter epoch: less noisy than one step
@@ -187,9 +248,35 @@ def train(
         "sft/steps": float(step),
         "sft/train_examples": float(len(train_seqs)),
         "sft/trainable_params": float(sum(p.numel() for p in trainable)),
-        "sft/tokens_per_s": tokens / seconds,
+        "sft/tokens_per_s": distributed.all_sum(tokens).item() / seconds,
+        "sft/bf16": float(bf16),  # what `sft.bf16` resolved to on this machine
     }
     return SFTResult(metrics=metrics, curve=curve)
+
+
+def _share_loss(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor] | None, device: torch.device, bf16: bool
+) -> torch.Tensor:
+    """This process's summed next-token loss over the token count of the whole batch, counted
+    over every process (HF's `num_items_in_batch`): summed over the processes, it is the batch's
+    mean loss (with one process, just that). Zero, without a graph, for a process that has no
+    rows in a short last batch."""
+    import torch
+
+    from upbeat import distributed
+
+    none = torch.zeros((), dtype=torch.long, device=device)
+    here = (batch["labels"][:, 1:] != IGNORE).sum() if batch is not None else none  # targets
+    n_items = distributed.all_sum(here)
+    if batch is None:
+        return torch.zeros((), device=device)
+    with autocast(device, bf16):
+        return model(**batch, num_items_in_batch=n_items).loss
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on `device`."""
+    return {key: t.to(device) for key, t in batch.items()}
 
 
 def _cap(texts: Sequence[str], cap: int, gen: torch.Generator) -> list[str]:

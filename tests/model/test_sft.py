@@ -57,7 +57,8 @@ def test_sft_lowers_eval_loss_and_the_saved_model_generates(fixture, request, tm
     out = save_policy(model, tok, tmp_path / "sft")
     again, tok2 = load_policy(str(out))
     seqs = tokenize(EVAL, tok2, 24)
-    assert eval_perplexity(again, seqs, tok2.pad_token_id, 8) == pytest.approx(
+    bf16 = m["sft/bf16"] == 1.0  # `sft.bf16: auto` evaluates in bf16 where training did
+    assert eval_perplexity(again, seqs, tok2.pad_token_id, 8, bf16=bf16) == pytest.approx(
         m["sft/eval_ppl_after"], rel=1e-5
     )
     prompts = tok2(["i love", "so sad and tired of"], return_tensors="pt", padding=True)
@@ -93,6 +94,8 @@ def test_examples_end_with_eos_and_padding_is_not_a_target(tiny_llama: Path) -> 
     assert all(s[-1] == tok.eos_token_id and len(s) <= 5 for s in seqs)
     batch = collate(seqs, tok.pad_token_id)
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    # The short row's first token follows padding: nothing real predicts it, so it is no target.
+    assert batch["labels"][1, -len(seqs[1])] == -100 and batch["labels"][1, -1] != -100
     assert (batch["labels"][:, -1] == tok.eos_token_id).all()  # EOS is learned, not masked
     assert batch["position_ids"][1, -len(seqs[1])] == 0  # left-padded row starts at position 0
 
@@ -101,3 +104,16 @@ def test_empty_split_is_a_data_error(tiny_llama: Path) -> None:
     model, tok = load_policy(str(tiny_llama))
     with pytest.raises(DataError, match="train split is empty"):
         train(model, tok, [], EVAL, sft_params())
+
+
+def test_eval_perplexity_does_not_depend_on_the_attention_kernel(tiny_llama: Path) -> None:
+    # A left-padded row's first token follows padding, whose output eager and SDPA attention
+    # fill differently (a row with no key to attend to): it must not be a target.
+    model, tok = load_policy(str(tiny_llama))
+    train(model, tok, TRAIN, EVAL, sft_params(epochs=1, bf16=False))
+    seqs = tokenize(EVAL, tok, 24)
+    ppl = {}
+    for attention in ("sdpa", "eager"):
+        model.set_attn_implementation(attention)
+        ppl[attention] = eval_perplexity(model, seqs, tok.pad_token_id, 8)
+    assert ppl["eager"] == pytest.approx(ppl["sdpa"], rel=1e-5)
