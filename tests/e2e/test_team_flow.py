@@ -1,0 +1,471 @@
+"""Scheduled retraining on the local team stack: real servers on loopback, a real worker, no fakes.
+
+One stack (stack_fixture) and one tiny git + DVC project for the module, whose DVC default remote
+is the stack's bucket (`dvc remote add --local`). `upbeat deploy` puts `retrain` on the stack's
+work pool; every run below is triggered with `run_deployment` and executed by the stack's worker
+process, which carries the MLflow, Prefect and S3 variables. One ordered story (each step needs
+the state the previous one left):
+1. the deployment has its cron, the pool, a concurrency limit of one and the crash automation;
+2. a triggered run is executed by the worker, tracked on the MLflow server, registers the first
+   champion and ends with a `dvc push` of every output to the bucket;
+3. a fresh clone with an empty DVC cache pulls that run and finds nothing to reproduce, and
+   `upbeat generate` loads the champion from the server's registry;
+4. two triggers at once (PPO made longer): one runs, the other waits for the concurrency slot;
+5. the worker's process group is SIGKILLed mid-PPO: the run ends Crashed, nothing of it is left
+   running, the champion is unchanged;
+6. a restarted worker runs the waiting trigger: only PPO onwards runs, PPO resumes from its
+   checkpoint, and PostgreSQL restarted while PPO logs to MLflow loses no metric and leaves no
+   registry version without its files;
+7. the S3 endpoint down at push time fails a (no-op) run naming the remote, the outputs stay; with
+   the endpoint back, the next run stores them.
+Opt-in (`-m slow`, minutes by design): a run whose every process died at once is crashed by the
+server's heartbeat automation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import stack_fixture
+from stack_fixture import Stack, s3_keys
+from tiny_project import git, make_project
+
+from upbeat.cli import apply_overrides
+from upbeat.stack import WORK_POOL, s3
+from upbeat.stack.config import DVC_BUCKET, load_secrets, resolve
+from upbeat.stack.procs import read_record, stop
+
+stack = stack_fixture.stack  # one stack for this module
+PREFIX = "team-flow"  # this module's folder in the stack's DVC bucket
+REMOTE_URL = f"s3://{DVC_BUCKET}/{PREFIX}"
+MODEL = "upbeat-policy"
+ALL = [
+    "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
+]  # fmt: skip
+LONG_PPO = 60  # steps of the run that is killed: long enough to kill and to restart PostgreSQL in
+RUN_WAIT = 900  # bound on one flow run (a whole tiny pipeline on a busy 2-core machine)
+CALL_WAIT = 300  # bound on one subprocess
+CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def prefect_at(st: Stack) -> Iterator[None]:
+    """This process's Prefect client on the stack's server (its settings are read at import)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    api = {
+        PREFECT_API_URL: st.client["PREFECT_API_URL"],
+        PREFECT_API_AUTH_STRING: st.client["PREFECT_API_AUTH_STRING"],
+    }
+    with temporary_settings(updates=api):
+        yield
+
+
+def trigger(st: Stack) -> str:
+    """`run_deployment` without waiting: the id of the new flow run."""
+    from prefect.deployments import run_deployment
+
+    with prefect_at(st):
+        return str(run_deployment("retrain/scheduled", timeout=0).id)
+
+
+def state_of(st: Stack, run_id: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with prefect_at(st), get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state
+
+
+def logs_of(st: Stack, run_id: str) -> str:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    found = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)]))
+    lines: list[str] = []
+    with prefect_at(st), get_client(sync_client=True) as client:
+        while page := client.read_logs(found, limit=200, offset=len(lines)):  # the API's page
+            lines += [log.message for log in page]
+    return "\n".join(lines)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 2) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(every)
+    return found
+
+
+def wait_final(st: Stack, run_id: str, timeout: float = RUN_WAIT) -> Any:
+    state = wait_until(
+        f"end of flow run {run_id}",
+        lambda: (s := state_of(st, run_id)).is_final() and s,
+        timeout,
+        every=3,
+    )
+    return state
+
+
+def parent_run(run_id: str) -> Any:
+    """The MLflow parent run that the flow run with this Prefect id opened on the server."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("upbeat")
+    (run,) = client.search_runs(
+        [exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'", max_results=2
+    )
+    return run
+
+
+def stage_outcomes(run: Any) -> dict[str, str]:
+    return {k.removeprefix("stage."): v for k, v in run.data.tags.items() if k.startswith("stage.")}
+
+
+def registry_state() -> tuple[str | None, int]:
+    from upbeat import registry
+
+    info = registry.status(MODEL, n_versions=100)
+    return (info["champion"]["version"] if info["champion"] else None), len(info["versions"])
+
+
+def dvc(project: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CALL_WAIT,
+    )
+    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def processes_in(*folders: Path) -> list[psutil.Process]:
+    """Processes (a flow run, a stage) working in one of `folders`."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            cwd = Path(proc.cwd())
+        except (psutil.Error, OSError):
+            continue
+        if proc.pid != os.getpid() and any(cwd == f or f in cwd.parents for f in folders):
+            found.append(proc)
+    return found
+
+
+def newest_checkpoint(project: Path) -> int:
+    """The step of PPO's newest checkpoint in the project (0: none)."""
+    steps = [int(p.name.split("-")[1]) for p in (project / "checkpoints" / "ppo").glob("step-*")]
+    return max(steps, default=0)
+
+
+def s3_down(st: Stack) -> None:
+    """Stop the stack's S3 server, its buckets kept in the stack's snapshot (`stack up` restores
+    them), as `upbeat stack down` does for this one server."""
+    cfg = resolve(st.root.parent, st.root)
+    sec = load_secrets(cfg)
+    assert sec is not None
+    s3.snapshot(cfg, sec)
+    rec = read_record(cfg.run, "s3")
+    assert rec is not None
+    stop(rec)
+
+
+# --- the project and its deployment --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def progress_every_step() -> Iterator[None]:
+    """The stack's worker (started with this environment) runs stages that log a progress line
+    per step, so the flow log says where PPO is (and a killed worker's run notices at once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UPBEAT_PROGRESS_SECONDS", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny project, its data drop in git (a clone must see the same input), its default DVC
+    remote the stack's bucket; at the end, no process of the module may still work in it."""
+    root = tmp_path_factory.mktemp("team-flow")
+    proj = make_project(root / "project")
+    git(proj, "add", "-f", "inputs/tweets.csv")
+    git(proj, "commit", "-qm", "the data drop")
+    dvc(proj, stack.client_env(), "remote", "add", "--local", "-d", "stack", REMOTE_URL)
+    yield proj
+    left = processes_in(root)
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left working in the project: {[p.cmdline() for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def story() -> dict[str, Any]:
+    """What one step of the story leaves for the next."""
+    return {}
+
+
+@pytest.fixture
+def on_stack(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """This test's MLflow client on the stack's server."""
+    stack.use(monkeypatch)
+    return stack
+
+
+def upbeat(st: Stack, project: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "upbeat.cli", *args],
+        cwd=project,
+        env=env or st.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=CALL_WAIT,
+    )
+
+
+# --- the story -----------------------------------------------------------------------------------
+
+
+def test_deploy_puts_retrain_on_the_pool_with_its_schedule_and_one_run_at_a_time(
+    stack: Stack, project: Path
+) -> None:
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import ZOMBIE_AUTOMATION
+
+    no_server = {k: v for k, v in stack.client_env().items() if not k.startswith("PREFECT_API")}
+    refused = upbeat(stack, project, "deploy", env=no_server)
+    assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
+
+    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *")
+    assert done.returncode == 0, done.stderr
+    assert f"to work pool {WORK_POOL!r}" in " ".join(done.stdout.split())
+    with prefect_at(stack), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+        automation = Automation.read(name=ZOMBIE_AUTOMATION)
+    assert deployment.work_pool_name == WORK_POOL
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters["project"] == str(project)
+    assert deployment.job_variables["working_dir"] == str(project)
+    assert automation.trigger.within.total_seconds() >= 60  # a few missed heartbeats, not one
+
+
+def test_a_triggered_run_is_run_by_the_worker_tracked_on_the_server_and_pushed(
+    on_stack: Stack, project: Path, story: dict[str, Any]
+) -> None:
+    run_id = trigger(on_stack)
+    state = wait_final(on_stack, run_id)
+    assert state.is_completed(), f"{state.name}: {state.message}\n{logs_of(on_stack, run_id)}"
+
+    parent = parent_run(run_id)
+    assert parent.info.status == "FINISHED"
+    assert stage_outcomes(parent) == dict.fromkeys(ALL, "ran")
+    assert parent.data.tags["dvc.remote"] == "stack"
+    pushed = int(parent.data.metrics["dvc/pushed_files"])
+    assert f"dvc push: {pushed} files sent to remote 'stack'" in logs_of(on_stack, run_id)
+    stored = [k for k in s3_keys(on_stack, DVC_BUCKET) if k.startswith(f"{PREFIX}/")]
+    assert len(stored) >= pushed > 0
+    assert registry_state() == ("1", 1)
+    story["first"] = run_id
+
+
+def test_a_fresh_clone_pulls_the_last_run_and_finds_nothing_to_reproduce(
+    stack: Stack, project: Path, tmp_path: Path
+) -> None:
+    git(project, "add", "dvc.lock")  # what the run produced is described by dvc.lock in git
+    git(project, "commit", "-qm", "retrain")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), clone.name)
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "models").exists()
+    env = stack.client_env()
+    dvc(clone, env, "remote", "add", "--local", "-d", "stack", REMOTE_URL)
+
+    dvc(clone, env, "pull")
+    assert json.loads(dvc(clone, env, "status", "--json")) == {}  # `dvc repro` would run nothing
+    for rel in (
+        "models/ppo/model.safetensors",
+        "reports/evaluate.json",
+        "data/clean/train.parquet",
+    ):
+        assert (clone / rel).read_bytes() == (project / rel).read_bytes(), rel
+
+    done = upbeat(
+        stack,
+        clone,
+        *("generate", "i love", "-n", "2", "--max-new-tokens", "3"),
+        *("--model", f"models:/{MODEL}@champion"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("i love") == 2
+
+
+def test_two_triggers_at_once_one_runs_and_the_other_waits_for_the_slot(
+    stack: Stack, project: Path, story: dict[str, Any]
+) -> None:
+    apply_overrides(project / "params.yaml", [f"ppo.steps={LONG_PPO}"])  # PPO onwards is stale
+    runs = [trigger(stack), trigger(stack)]
+
+    def one_running() -> dict[str, Any] | None:
+        states = {r: state_of(stack, r) for r in runs}
+        running = [r for r, s in states.items() if s.is_running()]
+        return {"states": states, "running": running[0]} if len(running) == 1 else None
+
+    found = wait_until("one running trigger", one_running, 120)
+    running = found["running"]
+    (waiting,) = [r for r in runs if r != running]
+    assert found["states"][waiting].name == "AwaitingConcurrencySlot"
+    story["running"], story["waiting"] = running, waiting
+
+
+def test_a_killed_worker_crashes_its_run_and_leaves_the_champion(
+    on_stack: Stack, project: Path, story: dict[str, Any]
+) -> None:
+    running, waiting = story["running"], story["waiting"]
+    # the first run's checkpoints are steps 1 and 2 (tiny profile); PPO removes them at its start
+    wait_until("a PPO checkpoint after step 2", lambda: newest_checkpoint(project) >= 3, RUN_WAIT)
+    worker = read_record(on_stack.root / "run", "worker")
+    assert worker is not None
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its own process group, at once
+
+    state = wait_final(on_stack, running, CRASH_WAIT)
+    assert state.type.value == "CRASHED", f"{state.name}: {state.message}"
+    assert state_of(on_stack, waiting).name == "AwaitingConcurrencySlot"  # no worker to take it
+    assert parent_run(running).info.status == "FAILED"  # never FINISHED without its outputs
+    assert registry_state() == ("1", 1)
+    # The flow-run process stopped its stage's process group on its way out.
+    wait_until("the killed run's processes to end", lambda: not processes_in(project), 60)
+    assert newest_checkpoint(project) >= 3  # what the next run resumes from
+
+
+def test_a_restarted_worker_runs_the_waiting_trigger_from_the_checkpoint_through_a_db_restart(
+    on_stack: Stack, project: Path, story: dict[str, Any]
+) -> None:
+    from mlflow import MlflowClient
+
+    from upbeat import registry
+
+    waiting = story["waiting"]
+    on_stack.up()  # starts the worker again, the servers are already running
+    # PPO's first step line says where it resumed (its "resumed from" line comes at its end).
+    first_step = wait_until(
+        "PPO stepping",
+        lambda: re.search(rf"ppo: step (\d+)/{LONG_PPO}", logs_of(on_stack, waiting)),
+        RUN_WAIT,
+        every=0.5,
+    )
+    assert int(first_step[1]) > 3  # not from step 1: from the killed run's checkpoint
+
+    # PostgreSQL restarted while PPO logs a metric per step to the MLflow server.
+    stepping = [p for p in processes_in(project) if "stages/ppo.py" in " ".join(p.cmdline())]
+    assert stepping, "PPO ended before PostgreSQL could be restarted under it"
+    server_errors = len(re.findall(r'" 50\d ', Path(on_stack.root / "logs/mlflow.log").read_text()))
+    postgres = read_record(on_stack.root / "run", "postgres")
+    assert postgres is not None
+    stop(postgres, signal.SIGINT)  # PostgreSQL's fast shutdown
+    time.sleep(3)
+    on_stack.up()
+
+    state = wait_final(on_stack, waiting)
+    assert state.is_completed(), f"{state.name}: {state.message}\n{logs_of(on_stack, waiting)}"
+    outcomes = stage_outcomes(parent_run(waiting))
+    assert {s for s, r in outcomes.items() if r == "ran"} == {
+        "ppo",
+        "evaluate",
+        "register",
+        "promote",
+    }
+    # The restart was seen (the server answered 5xx meanwhile); the client's retries lost nothing.
+    logs = Path(on_stack.root / "logs/mlflow.log").read_text()
+    assert len(re.findall(r'" 50\d ', logs)) > server_errors
+    client = MlflowClient()
+    (ppo,) = client.search_runs(
+        [parent_run(waiting).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run(waiting).info.run_id}' "
+        "and tags.`upbeat.stage` = 'ppo'",
+    )
+    resumed = re.search(r"ppo: resumed from checkpoint at step (\d+)", logs_of(on_stack, waiting))
+    assert resumed is not None and int(resumed[1]) == int(first_step[1]) - 1
+    steps = [m.step for m in client.get_metric_history(ppo.info.run_id, "objective/score")]
+    assert sorted(set(steps)) == list(range(int(first_step[1]), LONG_PPO + 1))
+    assert registry_state()[1] == 2
+    for version in ("1", "2"):
+        assert registry.files_problem(MODEL, version) is None, version
+
+
+def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outputs(
+    on_stack: Stack, project: Path
+) -> None:
+    env = on_stack.client_env()
+    lock = (project / "dvc.lock").read_text()
+    s3_down(on_stack)
+    try:
+        run_id = trigger(on_stack)
+        state = wait_final(on_stack, run_id)
+    finally:
+        on_stack.up()  # the S3 server again, its buckets restored
+    assert state.type.value == "FAILED"
+    assert f"dvc push to remote 'stack' ({REMOTE_URL}) failed" in state.message
+    assert "Could not connect to the endpoint URL" in state.message
+    assert parent_run(run_id).info.status == "FAILED"
+    assert stage_outcomes(parent_run(run_id)) == dict.fromkeys(ALL, "skipped")
+    assert (project / "dvc.lock").read_text() == lock
+    assert json.loads(dvc(project, env, "status", "--json")) == {}  # every output still here
+
+    again = trigger(on_stack)
+    state = wait_final(on_stack, again)
+    assert state.is_completed(), f"{state.name}: {state.message}"
+    assert parent_run(again).data.tags["dvc.remote"] == "stack"
+
+
+@pytest.mark.slow
+def test_a_run_whose_processes_all_died_is_crashed_by_the_heartbeat_automation(
+    stack: Stack, project: Path
+) -> None:
+    """A lost machine: the worker, the flow-run process and its stage die at once, so nothing is
+    left to report; the server's automation crashes the run once its heartbeats stop (opt-in:
+    that takes minutes by design)."""
+    from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, deploy
+
+    with prefect_at(stack):
+        deploy(project, WORK_POOL, cron=None)
+    stack.up()  # a worker, whatever the story before left
+    apply_overrides(project / "params.yaml", ["evaluate.n_samples_table=3"])  # evaluate is stale
+    run_id = trigger(stack)
+    wait_until("a stage of the run working", lambda: len(processes_in(project)) > 1, RUN_WAIT)
+    worker = read_record(stack.root / "run", "worker")
+    assert worker is not None
+    groups = {worker.pid}
+    for proc in processes_in(project):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(proc.pid))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+    assert not state_of(stack, run_id).is_final()  # nobody is left to say anything
+    state = wait_final(stack, run_id, HEARTBEAT_SECONDS * (MISSED_HEARTBEATS + 3))
+    assert state.type.value == "CRASHED", f"{state.name}: {state.message}"
+    assert "no heartbeat" in (state.message or "")
+    stack.up()  # the worker again, for whatever runs next
