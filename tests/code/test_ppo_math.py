@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from upbeat.hydra import token_logprobs
 from upbeat.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -15,7 +16,6 @@ from upbeat.ppo import (
     kl_rewards,
     masked_mean,
     policy_loss,
-    token_logprobs,
     value_loss,
     whiten,
 )

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from upbeat.generation import encode_prompts, sample
+from upbeat.hydra import Hydra
 from upbeat.models import load_policy
-from upbeat.ppo import Hydra
 
 PROMPTS = ["i love", "this is the worst day ever, i", "so"]
 
