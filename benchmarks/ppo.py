@@ -13,14 +13,23 @@ that weight-streaming floor (results per machine: benchmarks/README.md).
 
 `--outcome` runs PPO with the params.yaml `ppo` block (plus `--set` overrides) from the given model
 and reports the held-out VADER gain and KL against the targets (+0.5, <= 6 nats, <= 15 min).
+
+Last, the cost of the distributed path (`ppo.processes`, upbeat/distributed.py) on the CPU: the
+same global batch of 32 in 1 process with 1 thread, in 2 processes with 1 thread each (gloo), and
+in 1 process with 2 threads (the default on 2 cores), each in fresh processes, episodes/s of the
+steps after the first. `--scaling` runs only this part.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from upbeat.config import load_params
 from upbeat.generation import encode_prompts, sample
+from upbeat.hydra import Hydra
 from upbeat.models import load_policy, native_bf16, resolve_bf16, set_threads, transformer_blocks
-from upbeat.ppo import Hydra, train
+from upbeat.ppo import train
 
 BATCH, NEW_TOKENS = 32, 16
 PROMPTS = [
@@ -103,7 +113,13 @@ def main() -> None:
         "--outcome", action="store_true", help="run the params.yaml PPO and report the VADER gain"
     )
     parser.add_argument("--set", action="append", default=[], help="param override, key=value")
+    parser.add_argument(
+        "--scaling", action="store_true", help="only the 1 vs 2 processes comparison"
+    )
     args = parser.parse_args()
+    if args.scaling:
+        scaling(args.model, args.steps)
+        return
     threads = set_threads(args.threads)
     model, tok = load_policy(args.model)
     print(f"model {args.model}, torch threads {threads}, batch {BATCH}, {NEW_TOKENS} new tokens")
@@ -207,6 +223,75 @@ def main() -> None:
             + " | per phase: "
             + ", ".join(f"{k} {100 * flops[k] / phase[k] / peak[precision]:.0f}%" for k in flops)
         )
+
+    # 3. One process or two for the same global batch.
+    scaling(args.model, args.steps)
+
+
+def _scaling_worker(rank: int, world: int, threads: int, port: int, model: str, steps: int,
+                    out: str) -> None:  # fmt: skip
+    """One process of a `scaling` run: PPO steps on its share of the batch, rank 0 reports."""
+    from upbeat import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    torch.set_num_threads(threads)
+    policy, tok = load_policy(model)
+    texts = [p + " and more words here" for p in PROMPTS] * 50
+    rng = np.random.default_rng(rank)
+    score = lambda xs: rng.normal(size=len(xs))  # noqa: E731  (scoring is timed separately)
+    cfg = load_params().ppo.model_copy(
+        update=dict(steps=steps, batch_size=BATCH, max_new_tokens=NEW_TOKENS, processes=world)
+    )
+    with distributed.process_group(torch.device("cpu")):
+        history = train(policy, tok, score, texts, cfg).history
+        # One gradient all-reduce of the trained weights, as each minibatch does (best of 5).
+        trained = [p for p in policy.parameters() if p.requires_grad]
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        seconds = min(best_time(lambda: distributed.sum_gradients(trained), 1) for _ in range(5))
+    if rank == 0:
+        n = sum(p.numel() for p in trained)
+        Path(out).write_text(json.dumps({"history": history, "all_reduce": [n, seconds]}))
+
+
+def scaling(model: str, steps: int) -> None:
+    """Episodes/s of the same global batch in 1 process x 1 thread, 2 processes x 1 thread and
+    1 process x 2 threads, each set of processes started fresh (spawned)."""
+    import torch.multiprocessing as mp
+
+    if steps < 2:
+        print("(need --steps >= 2: the first step is warm-up)")
+        return
+    print(f"processes (CPU, gloo), global batch {BATCH}, {steps - 1} timed steps:")
+    rates = {}
+    for world, threads in ((1, 1), (2, 1), (1, 2)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "history.json")
+            mp.spawn(_scaling_worker, args=(world, threads, port, model, steps, out), nprocs=world)
+            found = json.loads(Path(out).read_text())
+        history = found["history"][1:]
+        phase = {k: statistics.median(h[f"time/{k}"] for h in history)
+                 for k in ("generate", "score", "reference", "train")}  # fmt: skip
+        rate = statistics.median(h["perf/episodes_per_s"] for h in history)
+        rates[(world, threads)] = rate
+        if world > 1:
+            n, seconds = found["all_reduce"]
+            print(f"  gradient all-reduce, {n / 1e6:.1f}M trained weights: {1e3 * seconds:.0f} ms")
+        print(
+            f"  {world} process(es) x {threads} thread(s): {rate:.2f} episodes/s, "
+            f"{BATCH / rate:.1f} s/step = "
+            + ", ".join(f"{k} {v:.2f}" for k, v in phase.items())
+            + f", bf16 {bool(history[-1]['perf/bf16'])}"
+        )
+    base = rates[(1, 1)]
+    print(
+        f"  2 processes vs 1 (1 thread each): {rates[(2, 1)] / base:.2f}x; "
+        f"1 process with 2 threads vs 1: {rates[(1, 2)] / base:.2f}x"
+    )
 
 
 def outcome(model, tok, overrides: list[str]) -> None:
