@@ -12,9 +12,11 @@ process group), so `upbeat/sft.py` and `upbeat/ppo.py` read the same either way:
   process's loss was divided by the *global* token count, so the sum is the gradient of the
   whole batch's loss. An explicit all-reduce rather than DDP: PPO's hydra runs each forward over
   a cached trunk with swapped-in reference blocks, which DDP's hooks do not expect, and one
-  flattened all-reduce per step is all DDP would do here;
+  flattened all-reduce per optimizer step is all DDP would do here;
 - `rank`, `size`, `is_main`, `broadcast`: who writes files (the main process alone) and how the
   others learn what it decided.
+
+Tensors given to a collective live on the process's device (its GPU with nccl, the CPU with gloo).
 """
 
 from __future__ import annotations
@@ -185,4 +187,10 @@ def relaunch(processes: int, policy: PolicyParams, key: str) -> int | None:
             signal.signal(s, handler)
     if stopped_by:  # torchrun reports a stop as a failure of its own: say which signal it was
         return 128 + stopped_by[0]
+    if code != 0:  # the last line a log shows, after torchrun's own report
+        print(
+            f"error: {sys.argv[0]}: one of its {processes} processes failed (torchrun exit "
+            f"{code}); that process's own error is above",
+            file=sys.stderr,
+        )
     return 128 - code if code < 0 else code
