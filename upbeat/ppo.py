@@ -262,7 +262,8 @@ class PPOResult:
 
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
-    skipped_checkpoints: list[str] = field(default_factory=list)  # newer ones found corrupt: why
+    # Why checkpoints were passed over: newer ones found corrupt, or another process count's.
+    skipped_checkpoints: list[str] = field(default_factory=list)
 
 
 @dataclass
