@@ -303,8 +303,9 @@ def train(
 
     `texts` are train tweets (prompts are cut from their start); `scorer` maps texts to scores.
     With `checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps and, when
-    `resume`, training continues from the newest good one if it was written with the same params
-    and `run_key` (`PPOResult.skipped_checkpoints` says why newer ones were passed over).
+    `resume`, training continues from the newest good one if it was written with the same params,
+    `run_key` and process count (`PPOResult.skipped_checkpoints` says why others were passed
+    over).
     `on_step(step, metrics)` is called after every step (logging lives with the caller).
 
     Under torchrun (`cfg.processes` > 1, see `upbeat.distributed`) each process samples, scores
