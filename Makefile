@@ -39,6 +39,7 @@ bench: install          ## benchmarks: print figures and ratios
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/ppo.py
 	$(PY) benchmarks/noop_run.py
+	$(PY) benchmarks/stack.py
 
 ui: install             ## MLflow UI on 127.0.0.1:5000
 	$(VENV)/bin/upbeat ui
