@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import psutil
 import pytest
@@ -82,10 +81,16 @@ def project(tmp_path: Path, tiny_llama: Path) -> Path:
 
 def stage_runs(name: str) -> int:
     """MLflow runs the stage recorded (in the throwaway store the tests point MLflow at)."""
-    runs = mlflow.search_runs(
-        experiment_names=["upbeat"], filter_string=f"tags.`upbeat.stage` = '{name}'"
-    )
-    return len(runs)
+    from mlflow import MlflowClient
+
+    from upbeat.tracking import tracking_uri
+
+    # A client on this test's store: an earlier test's `mlflow.set_tracking_uri` may still stand.
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("upbeat")
+    if exp is None:
+        return 0
+    return len(client.search_runs([exp.experiment_id], f"tags.`upbeat.stage` = '{name}'"))
 
 
 def test_sft_stage_on_two_processes_writes_once(project: Path) -> None:
