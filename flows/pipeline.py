@@ -115,11 +115,11 @@ def _plan_cwd() -> dict[str, object]:
 
 
 def _repro_cwd(stage: str) -> int:
+    # DVC's own log format ("Running stage ...", "ERROR: failed to reproduce ...") is set up when
+    # dvc is imported; setting it up again would print every line twice.
     from dvc.exceptions import DvcException
-    from dvc.logger import setup
     from dvc.repo import Repo
 
-    setup()  # DVC's own log format: "Running stage ...", "ERROR: failed to reproduce ..."
     try:
         with Repo(".") as repo:
             done = repo.reproduce(stage, single_item=True)
@@ -131,10 +131,8 @@ def _repro_cwd(stage: str) -> int:
 
 
 def _push_cwd(remote: str) -> int:
-    from dvc.logger import setup
     from dvc.repo import Repo
 
-    setup()  # DVC's own error lines ("ERROR: failed to push data to the cloud - ...")
     try:
         with Repo(".") as repo:
             pushed = repo.push(remote=remote)
