@@ -29,8 +29,15 @@ import tiny  # noqa: E402  (tests/ is on sys.path only from here)
 @pytest.fixture(autouse=True)
 def _mlflow_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Every test logs into a throwaway sqlite store, never the project's `mlflow/`."""
+    import mlflow
+
+    # An earlier test's `mlflow.set_tracking_uri` (setup_mlflow calls it) outlives the test and
+    # outranks the environment in every later `MlflowClient()`/`mlflow.artifacts` call: drop it.
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
     store = tmp_path_factory.mktemp("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it
     monkeypatch.delenv("UPBEAT_PARENT_RUN_ID", raising=False)
     yield
 
