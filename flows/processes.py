@@ -29,6 +29,7 @@ from typing import Any
 
 STOP_GRACE = (10.0, 5.0, 5.0)  # seconds after SIGINT, SIGTERM, SIGKILL to a stage's group
 STOP_DEADLINE = 25.0  # seconds the flow gets, after its stages stopped, to record the stop
+SERVER_STARTUP_TIMEOUT = 120  # a fresh PREFECT_HOME migrates its database before answering
 
 _live: set[subprocess.Popen[str]] = set()
 _live_lock = threading.Lock()
@@ -210,7 +211,7 @@ def prefect_api() -> Iterator[str | None]:
         yield url
         return
     server = _detached_server()
-    server.start()
+    server.start(timeout=SERVER_STARTUP_TIMEOUT)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             try:
