@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from noop_run import timed  # benchmarks/ is the script's directory: the same whole-process timer
+
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = ("MLFLOW_", "PREFECT_", "AWS_")  # the caller's own servers stay out of both setups
 
@@ -45,15 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def timed(cmd: list[str], cwd: Path, env: dict[str, str], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def summary(times: list[float]) -> str:
