@@ -64,3 +64,20 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.build_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
+
+
+# --- stories: a module whose tests are ordered steps on shared state (`pytestmark = story`) ------
+
+_failed_step: dict[str, str] = {}  # module → its first failed step
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    failed = call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception)
+    if failed and item.get_closest_marker("story") and call.when in ("setup", "call"):
+        _failed_step.setdefault(item.module.__name__, item.name)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # The later steps would fail for the earlier step's reason (or wait out their bounds for it).
+    if item.get_closest_marker("story") and (failed := _failed_step.get(item.module.__name__)):
+        pytest.skip(f"an earlier step of this story failed: {failed}")

@@ -15,6 +15,7 @@ And `upbeat ui` under SIGTERM leaves no MLflow server behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,18 +25,39 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 import pytest
 from lockholder import lock_held_elsewhere
 from tiny_project import make_project, stage_env
 
+pytestmark = pytest.mark.story  # ordered steps: after a failed one, the rest are skipped
 STOP_BOUND = 30.0  # seconds a stopped run may take to exit (issue: "say 30 s")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return make_project(tmp_path_factory.mktemp("signals"), ["ppo.steps=40"])
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """A failed assertion must not leave its run holding the project's lock for the next test."""
+    yield
+    while Run.started:
+        run = Run.started.pop()
+        if run.proc.poll() is None:
+            everything = run.descendants()  # stages run in process groups of their own
+            os.killpg(run.proc.pid, signal.SIGTERM)  # the run stops its stages itself...
+            try:
+                run.proc.wait(STOP_BOUND + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.proc.pid, signal.SIGKILL)  # ...or everything is killed
+                run.proc.wait()
+            for proc in psutil.wait_procs(everything, timeout=5)[1]:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
 
 
 @pytest.fixture
@@ -54,6 +76,8 @@ def env(project, monkeypatch):
 class Run:
     """`upbeat run ARGS` in a new session, its output in a file."""
 
+    started: ClassVar[list[Run]] = []  # every run a test started: none may outlive its test
+
     def __init__(self, project: Path, env: dict[str, str], *args: str) -> None:
         self.log = project / f"run-{time.monotonic_ns()}.log"
         self.proc = subprocess.Popen(
@@ -64,6 +88,7 @@ class Run:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        Run.started.append(self)
 
     @property
     def output(self) -> str:
@@ -79,6 +104,15 @@ class Run:
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stage_processes(self, script: str) -> list[psutil.Process]:
+        """The Python processes running `script` (not a shell whose command line names it)."""
+        found = []
+        for proc in self.descendants():
+            with contextlib.suppress(psutil.Error):
+                if script in proc.cmdline() and "python" in Path(proc.cmdline()[0]).name:
+                    found.append(proc)
+        return found
 
     def finish(self, timeout: float = 600) -> int:
         try:
@@ -116,7 +150,7 @@ def learning(metrics: dict[str, float]) -> dict[str, float]:
 def test_a_killed_stage_process_is_retried_once_and_resumes(project, env, tmp_path):
     run = Run(project, env)
     run.wait_for(r"ppo: step 5/40")  # checkpoints every step: step 5's is on disk
-    (stage,) = [p for p in run.descendants() if "stages/ppo.py" in " ".join(p.cmdline())]
+    (stage,) = run.stage_processes("stages/ppo.py")
     stage.send_signal(signal.SIGKILL)
     assert run.finish() == 0, run.output[-3000:]
 
@@ -145,7 +179,7 @@ def test_sigterm_stops_the_run_and_the_next_run_resumes(project, env):
     run = Run(project, env, "--set", "ppo.steps=60")  # a new PPO run: stages up to reward stay
     run.wait_for(r"ppo: step 5/60")
     everything = run.descendants()
-    assert any("stages/ppo.py" in " ".join(p.cmdline()) for p in everything)
+    assert run.stage_processes("stages/ppo.py")
     started = time.monotonic()
     os.killpg(run.proc.pid, signal.SIGTERM)
     code = run.finish(timeout=STOP_BOUND + 30)
