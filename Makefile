@@ -25,8 +25,9 @@ install: $(STAMP)
 run: install            ## the whole pipeline on the default profile, through the Prefect flow
 	HF_HUB_OFFLINE=1 $(VENV)/bin/upbeat run
 
+TEST_WORKERS ?= 2       # pytest-xdist workers; a test module stays on one worker (its story, its stack)
 test: install           ## the fast suite (tiny models; no network)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: install      ## opt-in tests on the real default profile (SmolLM2)
 	$(PY) -m pytest -q -m slow

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,11 @@ os.environ.update(
     DO_NOT_TRACK="1",
     TOKENIZERS_PARALLELISM="false",
 )
+
+# Prefect's temporary servers keep a sqlite database in PREFECT_HOME: one per test process (a
+# parallel worker each), never the user's ~/.prefect, which two workers' servers would both lock.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="upbeat-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -81,3 +89,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # The later steps would fail for the earlier step's reason (or wait out their bounds for it).
     if item.get_closest_marker("story") and (failed := _failed_step.get(item.module.__name__)):
         pytest.skip(f"an earlier step of this story failed: {failed}")
+
+
+# --- order: the longest modules first, so parallel workers (`make test`) end together ----------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def kind(item: pytest.Item) -> int:
+        if item.get_closest_marker("story"):
+            return 0  # stories on real servers: minutes each
+        return {"e2e": 1, "model": 2, "data": 3, "code": 4}.get(item.path.parent.name, 5)
+
+    items.sort(key=kind)  # stable: within a kind, the collection order
