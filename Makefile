@@ -25,7 +25,7 @@ install: $(STAMP)
 run: install            ## the whole pipeline on the default profile, through the Prefect flow
 	HF_HUB_OFFLINE=1 $(VENV)/bin/upbeat run
 
-TEST_WORKERS ?= 2       # pytest-xdist workers; a test module stays on one worker (its story, its stack)
+TEST_WORKERS ?= 2       # pytest-xdist workers (0: one process); a module stays on one worker
 test: install           ## the fast suite (tiny models; no network)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
