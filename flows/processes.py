@@ -244,6 +244,9 @@ def _detached_server() -> Any:
                     *("--log-level", "error", "--lifespan", "on"),
                 ],
                 env={
+                    # Off unless the user turns it on: its heartbeat wants a network the default
+                    # profile does not assume, and it locked the run's sqlite (a logged traceback).
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     **os.environ,
                     "PREFECT_UI_ENABLED": "0",
                     "PREFECT__SERVER_EPHEMERAL": "1",
