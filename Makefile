@@ -25,7 +25,8 @@ install: $(STAMP)
 run: install            ## the whole pipeline on the default profile, through the Prefect flow
 	HF_HUB_OFFLINE=1 $(VENV)/bin/upbeat run
 
-TEST_WORKERS ?= 2       # pytest-xdist workers (0: one process); a module stays on one worker
+# pytest-xdist workers for `make test` (0: one process); a test module stays on one worker
+TEST_WORKERS ?= 2
 test: install           ## the fast suite (tiny models; no network)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
