@@ -439,6 +439,8 @@ def ui(
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        "1",  # one person's UI on a sqlite file: MLflow's default 4 only start slower
     ]
     if artifacts := artifact_root(uri):
         cmd += ["--default-artifact-root", artifacts]
