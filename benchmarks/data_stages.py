@@ -39,15 +39,15 @@ def build_input(path: Path, rows: int) -> str:
     else:
         pkg = read_packaged(None, 10_000)
         seed = pd.DataFrame(
-            [
-                pkg["target"].astype(str),
-                pkg["id"].astype(str),
-                ["Mon Apr 06 2009"] * len(pkg),
-                ["NO_QUERY"] * len(pkg),
-                ["packaged"] * len(pkg),
-                pkg["text"].str.replace("\r", " "),
-            ]
-        ).T
+            {
+                0: pkg["target"].astype(str).to_numpy(),
+                1: pkg["id"].astype(str).to_numpy(),
+                2: "Mon Apr 06 2009",
+                3: "NO_QUERY",
+                4: "packaged",
+                5: pkg["text"].str.replace("\r", " ").to_numpy(),
+            }
+        )
         origin = "packaged corpus (../shared absent)"
     out = seed.iloc[np.arange(rows) % len(seed)].reset_index(drop=True)
     out.columns = range(6)
