@@ -118,6 +118,23 @@ class PushFailed(RuntimeError):
         )
 
 
+REFUSALS = (LockHeld, PlanError, PushFailed, StageFailed)  # expected: the run says why, once
+
+
+class _NoTracebackForRefusals(logging.Filter):
+    """Prefect logs an exception a task raised (the push task's `PushFailed`) and, in a deployed
+    run, re-raises the flow's Failed state to end its process, each time with a traceback. For a
+    refusal the flow has already logged the reason in one line, so those reports are dropped;
+    anything else (a bug) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], REFUSALS))
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):  # Prefect's run loggers
+    logging.getLogger(_name).addFilter(_NoTracebackForRefusals())
+
+
 def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """The run's logger inside a Prefect run; otherwise Prefect's console logger (a no-op run
     called without Prefect, see `upbeat run`)."""

@@ -143,3 +143,35 @@ def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
     with rf.run_lock(tmp_path, timeout=5):  # the OS released it with the process
         assert (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").is_file()
     assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()
+
+
+def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
+    """Prefect logs a task's exception and a deployed run's Failed state with a traceback; for
+    a refusal the flow's own line is the report, a bug keeps its traceback."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    refusals = [
+        rf.LockHeld("held"),
+        rf.PushFailed("team", "s3://b/p", "ERROR: unreachable"),
+        rf.StageFailed("clean", 1, "error: bad row"),
+    ]
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger, keep = logging.getLogger(name), Keep()
+        logger.addHandler(keep)
+        try:
+            for exc in [*refusals, RuntimeError("a bug")]:
+                try:
+                    raise exc
+                except Exception:
+                    logger.error("Task run failed with exception: %r", exc, exc_info=True)
+        finally:
+            logger.removeHandler(keep)
+        assert [type(r.exc_info[1]) for r in keep.records if r.exc_info] == [RuntimeError], name

@@ -431,6 +431,8 @@ def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outp
     assert state.type.value == "FAILED"
     assert f"dvc push to remote 'stack' ({REMOTE_URL}) failed" in state.message
     assert "Could not connect to the endpoint URL" in state.message
+    log = logs_of(on_stack, run_id)
+    assert "Traceback" not in log, log  # an expected failure: its reason, no traceback
     assert parent_run(run_id).info.status == "FAILED"
     assert stage_outcomes(parent_run(run_id)) == dict.fromkeys(ALL, "skipped")
     assert (project / "dvc.lock").read_text() == lock
