@@ -165,7 +165,8 @@ def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
     ]
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger, keep = logging.getLogger(name), Keep()
-        logger.addHandler(keep)
+        handlers, propagate = logger.handlers, logger.propagate
+        logger.handlers, logger.propagate = [keep], False  # not Prefect's API/console handlers
         try:
             for exc in [*refusals, RuntimeError("a bug")]:
                 try:
@@ -173,5 +174,5 @@ def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
                 except Exception:
                     logger.error("Task run failed with exception: %r", exc, exc_info=True)
         finally:
-            logger.removeHandler(keep)
+            logger.handlers, logger.propagate = handlers, propagate
         assert [type(r.exc_info[1]) for r in keep.records if r.exc_info] == [RuntimeError], name
