@@ -73,6 +73,9 @@ def mlflow_auth_ini(cfg: StackConfig, sec: Secrets) -> str:
         f"database_uri = {postgres.url(cfg, 'mlflow_auth')}\n"
         f"admin_username = {sec.mlflow_username}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # MLflow's own cache of verified credentials: without it every request pays a password
+        # hash check (one worker: a password change through the API invalidates it at once).
+        "auth_cache_ttl_seconds = 60\n"
     )
 
 
