@@ -164,7 +164,13 @@ def worker_command() -> list[str]:
 
 def worker_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
     """The worker's flow runs inherit this: the whole client side of the stack."""
-    return {**_prefect_common(cfg), **client_env(cfg, sec)}
+    return {
+        **_prefect_common(cfg),
+        **client_env(cfg, sec),
+        # A local server: poll every 2 s (Prefect's default 10 s is most of a triggered no-op
+        # run's wait; benchmarks/README.md "Stack").
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
 
 
 def online_workers(cfg: StackConfig, sec: Secrets) -> list[dict[str, Any]]:
