@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,24 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from noop_run import timed  # benchmarks/ is the script's directory: the same whole-process timer
+# benchmarks/ is the script's directory: noop_run's whole-process timer and machine name
+from noop_run import cpu_name, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = ("MLFLOW_", "PREFECT_", "AWS_")  # the caller's own servers stay out of both setups
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summary(times: list[float]) -> str:
@@ -55,21 +41,17 @@ def summary(times: list[float]) -> str:
 
 @contextmanager
 def local_stack(folder: Path) -> Iterator[dict[str, str]]:
-    """`upbeat stack up` in `folder` on free ports; yields the client variables; always down."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)}
-    env["UPBEAT_STACK_DIR"] = str(folder)
-    for name in ("s3", "mlflow", "prefect"):
-        env[f"UPBEAT_STACK_{name.upper()}_PORT"] = str(free_port())
-    cli = [sys.executable, "-m", "upbeat.cli", "stack"]
+    """`upbeat stack up` in `folder` on free ports, driven as the e2e tests drive it
+    (tests/e2e/stack_fixture.py); yields the client variables; always down."""
+    from stack_fixture import Stack, free_port, stack_env
+
+    ports = {name: free_port() for name in ("s3", "mlflow", "prefect")}
+    stack = Stack(folder, stack_env(folder, ports))
     try:
-        subprocess.run([*cli, "up"], env=env, cwd=folder.parent, check=True, capture_output=True)
-        lines = subprocess.run(
-            [*cli, "status", "--exports"], env=env, cwd=folder.parent, check=True,
-            capture_output=True, text=True,
-        ).stdout.splitlines()  # fmt: skip
-        yield dict(ln.removeprefix("export ").split("=", 1) for ln in lines if ln)
+        stack.up()
+        yield stack.client
     finally:
-        subprocess.run([*cli, "down"], env=env, cwd=folder.parent, capture_output=True)
+        stack.cli("down", check=False)
 
 
 def deployment_runs(project: Path, client_env: dict[str, str], runs: int) -> tuple[list, list]:
