@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +72,10 @@ CONTENTION = re.compile(
     r"Connection (reset|refused)|Temporary failure",
     re.IGNORECASE,
 )
-KILLED = re.compile(r"exited with (-\d+)")  # DVC's words for a stage command killed by a signal
+# DVC's words for a stage command killed by a signal: `-N` when the shell exec'd the command (bash),
+# `128+N` when the shell waited for it (dash, the /bin/sh DVC uses when $SHELL is unset)
+KILLED = re.compile(r"exited with (-?\d+)")
+SHELL_SIGNAL = 128
 
 
 class StageFailed(RuntimeError):
@@ -92,7 +96,12 @@ class StageFailed(RuntimeError):
     def killed_by(self) -> int | None:
         """The signal that killed the stage's command (DVC itself exits 255 then), or None."""
         found = KILLED.findall(self.output)
-        return -int(found[-1]) if found else (-self.returncode if self.returncode < 0 else None)
+        code = int(found[-1]) if found else self.returncode
+        if code < 0:
+            return -code
+        if SHELL_SIGNAL < code <= SHELL_SIGNAL + signal.SIGRTMAX:
+            return code - SHELL_SIGNAL
+        return None
 
     @property
     def contention(self) -> bool:

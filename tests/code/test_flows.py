@@ -130,7 +130,9 @@ def test_a_failed_stage_names_its_own_error_line():
     )
     exc = rf.StageFailed("clean", 255, output)
     assert exc.reason == "error: x.csv row 3: bad" and exc.killed_by is None
-    assert rf.StageFailed("ppo", 255, "... exited with -9").killed_by == 9
+    assert rf.StageFailed("ppo", 255, "... exited with -9").killed_by == 9  # bash exec'd it
+    assert rf.StageFailed("ppo", 255, "Killed\n... exited with 137").killed_by == 9  # dash waited
+    assert rf.StageFailed("ppo", 255, "... exited with 2").killed_by is None
 
 
 def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
