@@ -70,6 +70,9 @@ def env(project, monkeypatch):
         "UPBEAT_PROGRESS_SECONDS": "0",  # a progress line per step: the test waits on them
         "PREFECT_HOME": str(project / ".prefect"),  # the temporary server's own database
         "HF_HUB_OFFLINE": "1",
+        # DVC runs a stage's command in $SHELL, else /bin/sh: pin /bin/sh, as on CI (Debian's dash
+        # waits for the command where bash execs it, so a killed stage exits 137 instead of -9).
+        "SHELL": "/bin/sh",
     }
 
 
