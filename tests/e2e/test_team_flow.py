@@ -60,6 +60,7 @@ LONG_PPO = 60  # steps of the run that is killed: long enough to kill and to res
 RUN_WAIT = 900  # bound on one flow run (a whole tiny pipeline on a busy 2-core machine)
 CALL_WAIT = 300  # bound on one subprocess
 CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
+EXIT_WAIT = 30  # bound on a flow-run process exiting after its run is final
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -214,10 +215,14 @@ def project(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     git(proj, "commit", "-qm", "the data drop")
     dvc(proj, stack.client_env(), "remote", "add", "--local", "-d", "stack", REMOTE_URL)
     yield proj
-    left = processes_in(root)
+    # A flow-run process reports its final state, then flushes its logs and exits: give it time.
+    _, left = psutil.wait_procs(processes_in(root), timeout=EXIT_WAIT)
+    commands = []
     for proc in left:
-        proc.kill()
-    assert not left, f"processes left working in the project: {[p.cmdline() for p in left]}"
+        with contextlib.suppress(psutil.Error):
+            commands.append(proc.cmdline())
+            proc.kill()
+    assert not left, f"processes left working in the project {EXIT_WAIT} s after: {commands}"
 
 
 @pytest.fixture(scope="module")
