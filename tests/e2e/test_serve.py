@@ -1,9 +1,11 @@
 """`upbeat serve` against a real local `prefect server start` on 127.0.0.1.
 
-The served deployment carries the cron schedule and a concurrency limit of 1; a run triggered
-through the server's API is picked up by the serving process, runs the flow (DVC stages in a
-small git + DVC project), and completes. Bounded: every wait has a deadline, and both processes
-are stopped at the end. Skipped (not failed) when the Prefect server cannot start here.
+The served deployment carries its cron schedule and a concurrency limit of 1; on an every-minute
+cron the server's scheduler creates the runs and the serving process runs them (DVC stages in a
+small git + DVC project) to Completed, with no ERROR in the server's log: a schedule that never
+creates a run (Prefect 3.8.8's scheduler under SQLAlchemy 2.1) fails here. Bounded: every wait
+has a deadline, and both processes are stopped at the end. Skipped (not failed) when the Prefect
+server cannot start here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import sys
 import textwrap
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from tiny_project import VENV_BIN, git
@@ -110,16 +111,27 @@ def server(tmp_path):
         log.close()
 
 
-def test_served_deployment_runs_on_a_real_server(small_project, server, tmp_path):
+EVERY_MINUTE = "* * * * *"
+SCHEDULE_WAIT = 180  # the next minute boundary, the serving process's poll, then the run itself
+
+
+def scheduled_runs(client, deployment_id) -> list:
+    """The deployment's runs that the server's scheduler created (not triggered by hand)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    found = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    return [r for r in client.read_flow_runs(deployment_filter=found) if r.auto_scheduled]
+
+
+def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, env = server
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     log = (tmp_path / "serve.log").open("w")
     serving = subprocess.Popen(
-        [sys.executable, "-m", "upbeat.cli", "serve", "--cron", "0 3 * * *", "--name", "test"],
+        [sys.executable, "-m", "upbeat.cli", "serve", "--cron", EVERY_MINUTE, "--name", "test"],
         cwd=small_project,
         env=env,
         stdout=log,
@@ -130,14 +142,24 @@ def test_served_deployment_runs_on_a_real_server(small_project, server, tmp_path
             deployment = wait_for(
                 lambda: client.read_deployment_by_name("retrain/test"), 90, "deployment", serving
             )
-            assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+            assert [s.schedule.cron for s in deployment.schedules] == [EVERY_MINUTE]
             assert deployment.global_concurrency_limit.limit == 1
             assert deployment.parameters["project"] == str(small_project.resolve())
 
-            run = run_deployment("retrain/test", timeout=180, poll_interval=2)
-            assert run.state.is_completed(), f"{run.state}\n{Path(log.name).read_text()[-3000:]}"
+            def a_scheduled_run_completed():
+                runs = scheduled_runs(client, deployment.id)
+                return [r for r in runs if r.state and r.state.is_completed()]
+
+            try:
+                wait_for(a_scheduled_run_completed, SCHEDULE_WAIT, "scheduled run", serving)
+            except TimeoutError as exc:
+                runs = [(r.name, r.state_name) for r in scheduled_runs(client, deployment.id)]
+                server_log = (tmp_path / "server.log").read_text()[-3000:]
+                raise AssertionError(f"{exc}; scheduled runs: {runs}\n{server_log}") from None
         assert (small_project / "second.txt").read_text() == "12"
         assert "dvc.lock" in os.listdir(small_project)
+        errors = [ln for ln in (tmp_path / "server.log").read_text().splitlines() if "ERROR" in ln]
+        assert not errors, "\n".join(errors)
     finally:
         stop(serving)
         log.close()
