@@ -20,6 +20,7 @@ import time
 import urllib.request
 
 import pytest
+from schedules import EVERY_MINUTE, SCHEDULE_WAIT, completed, error_lines, scheduled_runs
 from tiny_project import VENV_BIN, git
 
 DVC_YAML = """\
@@ -111,18 +112,6 @@ def server(tmp_path):
         log.close()
 
 
-EVERY_MINUTE = "* * * * *"
-SCHEDULE_WAIT = 180  # the next minute boundary, the serving process's poll, then the run itself
-
-
-def scheduled_runs(client, deployment_id) -> list:
-    """The deployment's runs that the server's scheduler created (not triggered by hand)."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    found = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-    return [r for r in client.read_flow_runs(deployment_filter=found) if r.auto_scheduled]
-
-
 def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -147,8 +136,7 @@ def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path)
             assert deployment.parameters["project"] == str(small_project.resolve())
 
             def a_scheduled_run_completed():
-                runs = scheduled_runs(client, deployment.id)
-                return [r for r in runs if r.state and r.state.is_completed()]
+                return completed(scheduled_runs(client, deployment.id))
 
             try:
                 wait_for(a_scheduled_run_completed, SCHEDULE_WAIT, "scheduled run", serving)
@@ -158,7 +146,7 @@ def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path)
                 raise AssertionError(f"{exc}; scheduled runs: {runs}\n{server_log}") from None
         assert (small_project / "second.txt").read_text() == "12"
         assert "dvc.lock" in os.listdir(small_project)
-        errors = [ln for ln in (tmp_path / "server.log").read_text().splitlines() if "ERROR" in ln]
+        errors = error_lines((tmp_path / "server.log").read_text())
         assert not errors, "\n".join(errors)
     finally:
         stop(serving)

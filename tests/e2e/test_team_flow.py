@@ -17,7 +17,9 @@ the state the previous one left):
    checkpoint, and PostgreSQL restarted while PPO logs to MLflow loses no metric and leaves no
    registry version without its files;
 7. the S3 endpoint down at push time fails a (no-op) run naming the remote, the outputs stay; with
-   the endpoint back, the next run stores them.
+   the endpoint back, the next run stores them;
+8. on an every-minute cron the server's scheduler creates the runs and the worker runs one to
+   Completed, with no ERROR in the Prefect server's log meanwhile.
 Opt-in (`-m slow`, minutes by design): a run whose every process died at once is crashed by the
 server's heartbeat automation.
 """
@@ -40,6 +42,7 @@ from typing import Any
 import psutil
 import pytest
 import stack_fixture
+from schedules import EVERY_MINUTE, SCHEDULE_WAIT, completed, error_lines, scheduled_runs
 from stack_fixture import Stack, s3_keys
 from tiny_project import git, make_project
 
@@ -447,6 +450,36 @@ def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outp
     state = wait_final(on_stack, again)
     assert state.is_completed(), f"{state.name}: {state.message}"
     assert parent_run(again).data.tags["dvc.remote"] == "stack"
+
+
+def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_runs(
+    on_stack: Stack, project: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    server_log = on_stack.root / "logs" / "prefect.log"
+    seen = server_log.stat().st_size  # earlier steps restarted PostgreSQL under the server
+    done = upbeat(on_stack, project, "deploy", "--cron", EVERY_MINUTE)
+    assert done.returncode == 0, done.stderr
+    with prefect_at(on_stack), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+        try:
+            (first, *_) = wait_until(
+                "a run created by the scheduler and completed by the worker",
+                lambda: completed(scheduled_runs(client, deployment.id)),
+                SCHEDULE_WAIT,
+            )
+        finally:
+            client.pause_deployment(deployment.id)  # no more runs while the module tears down
+            for run in scheduled_runs(client, deployment.id):
+                if run.state is not None and run.state.type == StateType.SCHEDULED:
+                    client.delete_flow_run(run.id)
+    assert parent_run(str(first.id)).info.status == "FINISHED"
+    with server_log.open(errors="replace") as log:
+        log.seek(seen)
+        errors = error_lines(log.read())
+    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.slow
