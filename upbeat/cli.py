@@ -164,21 +164,22 @@ def run(
         from upbeat.config import load_params
 
         load_params(root / "params.yaml")  # fail here, not three stages in
-    from flows import retrain as flows
     from flows.pipeline import PlanError
     from flows.processes import Stopped
+    from flows.retrain import LockHeld, PushFailed, StageFailed
+    from flows.retrain import run as run_pipeline
 
     try:
-        results = flows.run(root, lock_timeout=lock_timeout)
-    except (flows.LockHeld, PlanError) as exc:
+        results = run_pipeline(root, lock_timeout=lock_timeout)
+    except (LockHeld, PlanError) as exc:
         raise fail(str(exc)) from None
-    except flows.StageFailed as exc:
+    except StageFailed as exc:
         raise fail(
             str(exc),
             "fix the cause and run `upbeat run` again: finished stages are kept and skipped, the "
             "champion model is unchanged",
         ) from None
-    except flows.PushFailed as exc:
+    except PushFailed as exc:
         raise fail(str(exc)) from None
     except Stopped as exc:
         err.print(
@@ -229,12 +230,12 @@ def serve(
             "(schedules stop with this process). For a persistent one: `prefect server start "
             "--host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
         )
-    from flows import retrain as flows
     from flows.processes import interrupt_on_sigterm, prefect_api
+    from flows.retrain import serve as serve_flow
 
     # SIGTERM stops serving like Ctrl-C; a temporary server is stopped with it, never orphaned.
     with contextlib.suppress(KeyboardInterrupt), interrupt_on_sigterm(), prefect_api():
-        flows.serve(str(root), cron=cron, name=name)
+        serve_flow(str(root), cron=cron, name=name)
 
 
 @app.command()
