@@ -99,11 +99,31 @@ class PolicyParams(_Block):
     local rank."""
 
 
-class SFTParams(_Block):
+class _Training(_Block):
+    """The keys SFT and PPO share: the optimizer step, precision, processes and seed."""
+
+    learning_rate: float = Field(gt=0)
+    """Peak learning rate: AdamW with linear warmup then decay (SFT), Adam for the policy and
+    value head (PPO)."""
+    max_grad_norm: float = Field(gt=0)
+    """Global gradient-norm clip (one bad batch of odd tweets must not wreck the model)."""
+    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+    """Autocast the training matmuls to bf16 (weights and optimizer state stay fp32); PPO also
+    samples from a bf16 copy (CPU) or under autocast (GPU). `auto`: only where the device
+    multiplies bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs); elsewhere bf16
+    is emulated and far slower than fp32 (`upbeat.models.resolve_bf16`)."""
+    processes: int = Field(ge=1)
+    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each). Each takes an
+    equal share of every batch (PPO: and minibatch), so `sft.batch_size` / `ppo.minibatch_size`
+    must divide by it; a PPO checkpoint resumes only with the same count."""
+    seed: int
+    """Seed for shuffling, initialisation, and PPO's prompt sampling and generation; the same
+    seed and data give the same weights on the CPU."""
+
+
+class SFTParams(_Training):
     epochs: int = Field(ge=1)
     """Passes over the (capped) train split."""
-    learning_rate: float = Field(gt=0)
-    """AdamW peak learning rate (linear warmup, then linear decay)."""
     batch_size: int = Field(ge=1)
     """Sequences per optimizer step."""
     max_length: int = Field(ge=8)
@@ -112,20 +132,10 @@ class SFTParams(_Block):
     """Linear warmup steps."""
     train_top_blocks: int = Field(ge=0)
     """Train only the top N transformer blocks (+ final norm); 0 trains every weight."""
-    max_grad_norm: float = Field(gt=0)
-    """Global gradient-norm clip (one bad batch of odd tweets must not wreck the model)."""
     max_train_examples: int = Field(ge=1)
     """Cap on train tweets per epoch: CPU time is the budget."""
     max_eval_examples: int = Field(ge=1)
     """Eval tweets for perplexity before/after."""
-    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
-    """Autocast the forward passes to bf16 (weights and optimizer state stay fp32). `auto`: where
-    the device multiplies bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs)."""
-    processes: int = Field(ge=1)
-    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each); each takes
-    `batch_size / processes` rows of every batch, so `batch_size` must divide by it."""
-    seed: int
-    """Seed for shuffling and initialisation; same seed + data gives the same weights on CPU."""
 
 
 class RewardParams(_Block):
@@ -148,7 +158,7 @@ class RewardParams(_Block):
     """Labelled eval tweets used to check the reward agrees with human labels."""
 
 
-class PPOParams(_Block):
+class PPOParams(_Training):
     steps: int = Field(ge=1)
     """PPO iterations (each: one rollout batch, then `ppo_epochs` of minibatch updates)."""
     batch_size: int = Field(ge=1)
@@ -157,8 +167,6 @@ class PPOParams(_Block):
     """Episodes per gradient step."""
     ppo_epochs: int = Field(ge=1)
     """Passes over each rollout batch."""
-    learning_rate: float = Field(gt=0)
-    """Adam learning rate for policy and value head."""
     prompt_min_tokens: int = Field(ge=1)
     """Shortest prompt, in tokens, cut from the start of a train tweet."""
     prompt_max_tokens: int = Field(ge=1)
@@ -189,8 +197,6 @@ class PPOParams(_Block):
     """Value clip around the rollout's values."""
     vf_coef: float = Field(ge=0)
     """Value loss weight."""
-    max_grad_norm: float = Field(gt=0)
-    """Global gradient-norm clip."""
     whiten_advantages: bool
     """Normalise advantages per batch to mean 0, std 1."""
     ratio_threshold: float = Field(gt=1)
@@ -198,19 +204,8 @@ class PPOParams(_Block):
     train_top_blocks: int = Field(ge=1)
     """Train the top N blocks (+ final norm); the frozen trunk below is shared by policy and
     reference and computed once per rollout (trlx's hydra)."""
-    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
-    """Sample from a bf16 copy (CPU) or under bf16 autocast (GPU) and autocast the training
-    matmuls to bf16; weights and optimizer state stay fp32. `auto`: only where the device multiplies
-    bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs); elsewhere bf16 is emulated
-    and far slower than fp32 (`upbeat.models.resolve_bf16`)."""
     checkpoint_every: int = Field(ge=1)
     """Save a resumable checkpoint every N steps."""
-    processes: int = Field(ge=1)
-    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each). Each samples,
-    scores and trains on `1/processes` of every batch and minibatch, so `minibatch_size` must
-    divide by it; a checkpoint resumes only with the same count."""
-    seed: int
-    """Seed for prompt sampling, generation and shuffling."""
 
 
 class EvaluateParams(_Block):
