@@ -100,6 +100,8 @@ def start_plan(root: Path) -> Callable[[], Plan]:
     """Start planning in the background; call the result to wait for the plan (so the caller can
     do other work, e.g. import MLflow, while DVC reads the repository)."""
     result = result_file(root)
+    # A process hop: DVC's API works in the current directory, which a flow's thread must not
+    # change for the whole process (and the flow imports MLflow meanwhile).
     proc = subprocess.Popen(
         command("plan", result=result),
         cwd=root,

@@ -239,6 +239,7 @@ def _start_server() -> tuple[subprocess.Popen[bytes], str]:
         "PREFECT_UI_ENABLED": "false",  # the run records to it; nobody browses it
     }
     deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT
+    # A process hop: a server must outlive a signal to the run's process group (its own session)
     with tempfile.TemporaryFile("w+") as log:  # its output, shown only if it never answers
         server = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -258,6 +258,8 @@ def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
     The stage's output is streamed line by line into the flow's log as it comes.
     """
     result = result_file(Path(root))
+    # A process hop: the stage must be stoppable as a process group of its own, and DVC's API
+    # works in the current directory (DVC's own hop, its shell, then runs the stage's `cmd`).
     code, output = _streamed(command("repro", stage, result=result), root, env)
     answer = read_result(result)
     if signame := stopping():
@@ -299,6 +301,7 @@ def push_outputs(root: Path, remote: str, url: str | None, env: dict[str, str]) 
     """`dvc push` of every cached output to `remote` (`python -m flows.pipeline push`): the number
     of files sent, or raises `PushFailed` with DVC's error line."""
     result = result_file(root)
+    # A process hop, as for a stage: stoppable, and DVC's API works in the current directory.
     code, output = _streamed(command("push", remote, result=result), str(root), env)
     answer = read_result(result)
     if code != 0 or "pushed" not in answer:
