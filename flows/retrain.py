@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -363,13 +364,14 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    project: str = ".", lock_timeout: float = 0, planned: Plan | None = None
+    project: str = ".", lock_timeout: float = 0, planned: dict[str, Any] | None = None
 ) -> dict[str, str] | State:
     """Run every DVC stage in order; returns `{stage: "ran" | "skipped"}`.
 
     `project` is the directory holding `dvc.yaml`; `lock_timeout` is how long to wait for another
-    run to finish before refusing (0: refuse at once); `planned` is the plan when the caller made
-    it under the lock it holds (`run`), else the flow asks DVC. A refusal or a failed stage ends
+    run to finish before refusing (0: refuse at once); `planned` is the plan (a `Plan` as a dict,
+    plain JSON for Prefect's parameters) when the caller made it under the lock it holds (`run`),
+    else the flow asks DVC. A refusal or a failed stage ends
     the run Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no
     traceback in the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it
     Cancelled.
@@ -378,7 +380,7 @@ def retrain(
     root = Path(project).resolve()
     try:
         with run_lock(root, lock_timeout):
-            plan = (lambda: planned) if planned is not None else start_plan(root)
+            plan = (lambda: Plan(**planned)) if planned is not None else start_plan(root)
             results, end = run_stages(root, plan)
     except (LockHeld, PlanError) as exc:
         _log().error("%s", exc)
@@ -460,12 +462,12 @@ def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
 
         planned = planning()
         if not planned.stale:
-            outcome = retrain.fn(project=str(project), planned=planned)
+            outcome = retrain.fn(project=str(project), planned=asdict(planned))
         else:
 
             def through_prefect() -> Any:
                 with prefect_api():
-                    return retrain(project=str(project), planned=planned, return_state=True)
+                    return retrain(project=str(project), planned=asdict(planned), return_state=True)
 
             outcome = run_stoppable(through_prefect)
     return outcome.result() if isinstance(outcome, State) else outcome  # a failure raises
