@@ -22,13 +22,17 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-STOP_GRACE = (10.0, 5.0, 5.0)  # seconds after SIGINT, SIGTERM, SIGKILL to a stage's group
+from upbeat import procgroup
+from upbeat.procgroup import GENTLE, KILL_WAIT
+
 STOP_DEADLINE = 25.0  # seconds the flow gets, after its stages stopped, to record the stop
+SERVER_STOP = ((signal.SIGTERM, 10.0),)  # uvicorn's graceful shutdown; SIGINT waits longer
 SERVER_STARTUP_TIMEOUT = 120  # a fresh PREFECT_HOME migrates its database before answering
 
 _live: set[subprocess.Popen[str]] = set()
@@ -84,23 +88,12 @@ def run_streaming(
             _live.discard(proc)
 
 
-def stop_group(proc: subprocess.Popen[str]) -> None:
-    """Stop `proc`'s whole process group: SIGINT, SIGTERM, SIGKILL, each after a grace period;
-    the group's last members (a stage whose DVC parent died first) are killed at the end."""
-    for sig, grace in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), STOP_GRACE, strict=True):
-        if proc.poll() is not None:
-            break
-        _killpg(proc.pid, sig)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            continue
-    _killpg(proc.pid, signal.SIGKILL)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
-        os.killpg(pgid, sig)
+def stop_group(proc: subprocess.Popen[Any], steps: Sequence[tuple[int, float]] = GENTLE) -> None:
+    """Stop `proc`'s whole process group (`upbeat.procgroup`; its last members too, after the
+    leader exited), then reap `proc`."""
+    procgroup.stop_group(proc.pid, steps)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(KILL_WAIT)
 
 
 def stop_all(signum: int) -> None:
@@ -201,8 +194,9 @@ def interrupt_on_sigterm() -> Iterator[None]:
 
 @contextmanager
 def prefect_api() -> Iterator[str | None]:
-    """Use PREFECT_API_URL when set; otherwise start Prefect's temporary server (in a session of
-    its own, see the module docstring) for the duration, and point Prefect at it."""
+    """Use PREFECT_API_URL when set; otherwise start a temporary Prefect server (`prefect server
+    start` on a free loopback port, in a session of its own, see the module docstring) for the
+    duration, and point Prefect at it."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -210,50 +204,57 @@ def prefect_api() -> Iterator[str | None]:
     if url := PREFECT_API_URL.value():
         yield url
         return
-    server = _detached_server()
-    server.start(timeout=SERVER_STARTUP_TIMEOUT)
+    server, url = _start_server()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
-                yield server.api_url
+                yield url
             finally:
                 # The run's last logs and events, while the server still answers: Prefect's
                 # exit hook would otherwise retry sending them to a stopped server.
                 APILogWorker.drain_all(timeout=5)
                 EventsWorker.drain_all(timeout=5)
     finally:
-        server.stop()
+        stop_group(server, SERVER_STOP)
 
 
-def _detached_server() -> Any:
-    """Prefect's temporary server (`SubprocessASGIServer`, what Prefect starts when no API URL
-    is set) with the one difference that its uvicorn process starts a session of its own."""
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
+def _start_server() -> tuple[subprocess.Popen[bytes], str]:
+    """`prefect server start` on a free loopback port, answering `/health`: (process, API URL).
+    Its database is PREFECT_HOME's sqlite, as for Prefect's own temporary server."""
+    import socket
+    import tempfile
 
-    class DetachedServer(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            # Prefect 3.8's command and environment for its temporary server.
-            return subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "uvicorn", "--factory"),
-                    *("--app-dir", str(prefect.__module_path__.parent)),
-                    "prefect.server.api.server:create_app",
-                    *("--host", "127.0.0.1", "--port", str(self.port)),
-                    *("--log-level", "error", "--lifespan", "on"),
-                ],
-                env={
-                    # Off unless the user turns it on: its heartbeat wants a network the default
-                    # profile does not assume, and it locked the run's sqlite (a logged traceback).
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    **os.environ,
-                    "PREFECT_UI_ENABLED": "0",
-                    "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1",
-                    **get_current_settings().to_environment_variables(exclude_unset=True),
-                },
-                start_new_session=True,
-            )
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    return DetachedServer()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--analytics-off"]
+    env = {
+        **os.environ,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        "PREFECT_UI_ENABLED": "false",  # the run records to it; nobody browses it
+    }
+    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT
+    # A process hop: a server must outlive a signal to the run's process group (its own session)
+    with tempfile.TemporaryFile("w+") as log:  # its output, shown only if it never answers
+        server = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        with (
+            temporary_settings(updates={PREFECT_API_URL: url}),
+            get_client(sync_client=True) as client,
+        ):
+            while client.api_healthcheck() is not None:  # None: it answered
+                if server.poll() is not None or time.monotonic() > deadline:
+                    stop_group(server, SERVER_STOP)
+                    log.seek(0)
+                    raise RuntimeError(
+                        f"the temporary Prefect server on port {port} did not start within "
+                        f"{SERVER_STARTUP_TIMEOUT} s: {log.read()[-2000:]}"
+                    )
+                time.sleep(0.2)
+    return server, url

@@ -1,15 +1,17 @@
 """The `retrain` flow: every DVC stage in DVC's order, one Prefect task per stage that must run.
 
 Prefect only orchestrates. DVC says what the pipeline is and what is stale (`flows.pipeline`, one
-subprocess); each stage that must run is a task running `dvc repro --single-item <stage>` as a
+plan per run); each stage that must run is a task running `dvc repro --single-item <stage>` as a
 subprocess with `cwd=` the project, so DVC alone decides whether it is up to date and writes
-`dvc.lock`. A stage that DVC finds up to date, with nothing upstream of it run, is recorded as
-skipped without a subprocess: a no-op run costs one `dvc status`.
+`dvc.lock`; it answers by exit code and a small JSON result. A stage that DVC finds up to date,
+with nothing upstream of it run, is recorded as skipped without a subprocess: a no-op run costs
+one `dvc status`.
 
 Safety:
-- one run at a time: a file lock in `.dvc/tmp/` is held for the whole run; a second run waits up
-  to `lock_timeout` seconds, then refuses with who holds the lock and since when. DVC's own repo
-  lock stays underneath, so `dvc.lock` is never written by two processes.
+- one run at a time: a file lock in `.dvc/tmp/` is held for the whole run, from the plan to the
+  push (`upbeat run` takes it before planning; the flow inside takes it again, re-entrantly); a
+  second run waits up to `lock_timeout` seconds, then refuses with who holds the lock and since
+  when. DVC's own repo lock stays underneath, so `dvc.lock` is never written by two processes.
 - retries: contention for DVC's or sqlite's lock is retried (twice); a stage process killed by a
   signal (the kernel's OOM killer, someone's `kill`) is retried once, and PPO then resumes from its
   last checkpoint; a stage that fails on its own (bad data, a diverged run) fails at once. Either
@@ -36,11 +38,12 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,36 +56,46 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 
 from flows.pipeline import (
-    OUTCOME,
-    PUSHED,
     Plan,
     PlanError,
-    push_command,
-    repro_command,
+    command,
+    read_result,
+    result_file,
+    stage_env,
     start_plan,
 )
 from flows.processes import prefect_api, run_stoppable, run_streaming, stopping
-from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
+from upbeat.tracking import git
 
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's output carried in the error
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|████" redraws
+# Contention a stage meets in its own services (MLflow's sqlite, a server restarting): only its
+# output says so; DVC's own repository lock comes back in the JSON result.
 CONTENTION = re.compile(
-    r"Unable to acquire lock|database is locked|Resource temporarily unavailable|"
-    r"Connection (reset|refused)|Temporary failure",
+    r"database is locked|Resource temporarily unavailable|Connection (reset|refused)|"
+    r"Temporary failure",
     re.IGNORECASE,
 )
-# DVC's words for a stage command killed by a signal: `-N` when the shell exec'd the command (bash),
+# A stage command killed by signal N: DVC reports `-N` when the shell exec'd the command (bash),
 # `128+N` when the shell waited for it (dash, the /bin/sh DVC uses when $SHELL is unset)
-KILLED = re.compile(r"exited with (-?\d+)")
 SHELL_SIGNAL = 128
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; carries its output so the flow shows the real error."""
+    """A DVC stage failed: how (from `flows.pipeline`'s result), and its output's tail so the
+    flow shows the real error."""
 
-    def __init__(self, stage: str, returncode: int, output: str) -> None:
+    def __init__(
+        self,
+        stage: str,
+        returncode: int,
+        output: str,
+        cmd_exit: int | None = None,
+        dvc_lock: bool = False,
+    ) -> None:
         self.stage, self.returncode, self.output = stage, returncode, output
+        self.cmd_exit, self.dvc_lock = cmd_exit, dvc_lock
         super().__init__(f"stage {stage!r} failed: {self.reason}")
 
     @property
@@ -94,9 +107,8 @@ class StageFailed(RuntimeError):
 
     @property
     def killed_by(self) -> int | None:
-        """The signal that killed the stage's command (DVC itself exits 255 then), or None."""
-        found = KILLED.findall(self.output)
-        code = int(found[-1]) if found else self.returncode
+        """The signal that killed the stage's command or DVC itself, or None."""
+        code = self.cmd_exit if self.cmd_exit is not None else self.returncode
         if code < 0:
             return -code
         if SHELL_SIGNAL < code <= SHELL_SIGNAL + signal.SIGRTMAX:
@@ -105,7 +117,7 @@ class StageFailed(RuntimeError):
 
     @property
     def contention(self) -> bool:
-        return bool(CONTENTION.search(self.output))
+        return self.dvc_lock or bool(CONTENTION.search(self.output))
 
 
 class LockHeld(RuntimeError):
@@ -140,8 +152,13 @@ class _NoTracebackForRefusals(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], REFUSALS))
 
 
-for _name in ("prefect.flow_runs", "prefect.task_runs"):  # Prefect's run loggers
-    logging.getLogger(_name).addFilter(_NoTracebackForRefusals())
+_REFUSAL_FILTER = _NoTracebackForRefusals()
+
+
+def quiet_refusals() -> None:
+    """Install the filter on Prefect's run loggers (idempotent: a logger keeps one of each)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_REFUSAL_FILTER)
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -156,17 +173,46 @@ def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 # --- one run at a time ---------------------------------------------------------------------------
 
 
+_held: dict[Path, int] = {}  # lock files this process holds, and how many times
+_held_lock = threading.Lock()
+
+
+def _holder_info() -> str:
+    return json.dumps(
+        {
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run": str(flow_run.get_id() or "-"),
+        }
+    )
+
+
 @contextmanager
 def run_lock(root: Path, timeout: float = 0) -> Iterator[None]:
     """Hold the project's retrain lock; refuse after `timeout` s naming the holder and its start.
 
     An OS file lock (fcntl/msvcrt via filelock) dies with its process, so a crashed run never
-    leaves a stale lock behind; the JSON beside it only says who holds it.
+    leaves a stale lock behind; the JSON beside it only says who holds it. Re-entrant within the
+    process (any thread): `upbeat run` holds it around the flow, which takes it again.
     """
-    tmp = root / ".dvc" / "tmp"
+    tmp = root.resolve() / ".dvc" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(tmp / LOCK_NAME)
-    holder = tmp / f"{LOCK_NAME}.json"
+    path, holder = tmp / LOCK_NAME, tmp / f"{LOCK_NAME}.json"
+    with _held_lock:
+        again = _held.get(path, 0) > 0
+        if again:
+            _held[path] += 1
+    if again:
+        try:
+            if flow_run.get_id() is not None:  # the flow run inside `upbeat run`: name it
+                holder.write_text(_holder_info())
+            yield
+        finally:
+            with _held_lock:
+                _held[path] -= 1
+        return
+    lock = FileLock(path, thread_local=False)
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
@@ -180,38 +226,19 @@ def run_lock(root: Path, timeout: float = 0) -> Iterator[None]:
             f"another retrain run holds the lock {who}; wait for it to finish "
             f"(or pass a longer lock timeout). Lock file: {tmp / LOCK_NAME}"
         ) from None
+    with _held_lock:
+        _held[path] = 1
     try:
-        holder.write_text(
-            json.dumps(
-                {
-                    "since": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "run": str(flow_run.get_id() or "-"),
-                }
-            )
-        )
+        holder.write_text(_holder_info())
         yield
     finally:
+        with _held_lock:
+            del _held[path]
         holder.unlink(missing_ok=True)
         lock.release()
 
 
 # --- the stages ----------------------------------------------------------------------------------
-
-
-def stage_env(root: Path, parent_run_id: str | None) -> dict[str, str]:
-    """The stages' environment: this interpreter's bin first (DVC runs `python stages/...`), and
-    the project's own `upbeat`/`flows` first on the path (the code DVC hashed as the deps)."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env["PYTHONUNBUFFERED"] = "1"  # stage prints reach the flow log as they happen
-    env.setdefault("GX_ANALYTICS_ENABLED", "false")
-    if parent_run_id:
-        env[PARENT_ENV] = parent_run_id
-    return env
 
 
 def _retry(task: Any, task_run: Any, state: State) -> bool:
@@ -226,60 +253,61 @@ def _retry(task: Any, task_run: Any, state: State) -> bool:
     task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry
 )
 def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
-    """`dvc repro --single-item <stage>` (`pipeline.repro_command`): `ran` or `skipped` (DVC
-    found it up to date), or a Failed state carrying `StageFailed` (Cancelled when stopping).
+    """`dvc repro --single-item <stage>` (`python -m flows.pipeline repro`): `ran` or `skipped`
+    (DVC found it up to date), or a Failed state carrying `StageFailed` (Cancelled when stopping).
 
     The stage's output is streamed line by line into the flow's log as it comes.
     """
-    logger = get_run_logger()
-    lines: list[str] = []
-    outcome: list[str] = []  # `ran` or `skipped`, from the command's last line
-
-    def on_line(line: str) -> None:
-        if line.startswith(OUTCOME):
-            outcome.append(line.removeprefix(OUTCOME))
-        elif line and not PROGRESS_BAR.search(line):
-            logger.info(line)
-            lines.append(line)
-
-    code = run_streaming(repro_command(stage), root, env, on_line)
-    output = "\n".join(lines)
+    result = result_file(Path(root))
+    # A process hop: the stage must be stoppable as a process group of its own, and DVC's API
+    # works in the current directory (DVC's own hop, its shell, then runs the stage's `cmd`).
+    code, output = _streamed(command("repro", stage, result=result), root, env)
+    answer = read_result(result)
     if signame := stopping():
         return Cancelled(message=f"stage {stage!r} stopped by {signame}")
     if code != 0:
-        failed = StageFailed(stage, code, output[-STDERR_TAIL:])
+        failed = StageFailed(
+            stage, code, output[-STDERR_TAIL:], answer.get("cmd_exit"), answer.get("lock", False)
+        )
         if failed.killed_by is not None:
-            logger.warning(
+            get_run_logger().warning(
                 "stage %r: its process was killed by signal %d (the OOM killer does this); the "
                 "flow retries a killed stage once, and PPO resumes from its last checkpoint",
                 stage,
                 failed.killed_by,
             )
         return Failed(message=f"exit {code}", data=failed)
-    return outcome[0] if outcome else "ran"
+    return "ran" if answer.get("ran") else "skipped"
+
+
+def _streamed(cmd: list[str], root: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run `cmd`, its output lines into the run's log as they come (progress-bar redraws left
+    out); its exit code and its output."""
+    logger = _log()
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line and not PROGRESS_BAR.search(line):
+            logger.info(line)
+            lines.append(line)
+
+    code = run_streaming(cmd, root, env, on_line)
+    return code, "\n".join(lines)
 
 
 # --- storing the outputs --------------------------------------------------------------------------
 
 
 def push_outputs(root: Path, remote: str, url: str | None, env: dict[str, str]) -> int:
-    """`dvc push` of every cached output to `remote` (`pipeline.push_command`): the number of
-    files sent, or raises `PushFailed` with DVC's error line."""
-    logger = _log()
-    lines: list[str] = []
-    pushed: list[int] = []
-
-    def on_line(line: str) -> None:
-        if line.startswith(PUSHED):
-            pushed.append(int(line.removeprefix(PUSHED)))
-        elif line and not PROGRESS_BAR.search(line):
-            logger.info(line)
-            lines.append(line)
-
-    code = run_streaming(push_command(remote), str(root), env, on_line)
-    if code != 0 or not pushed:
-        raise PushFailed(remote, url, "\n".join(lines)[-STDERR_TAIL:])
-    return pushed[0]
+    """`dvc push` of every cached output to `remote` (`python -m flows.pipeline push`): the number
+    of files sent, or raises `PushFailed` with DVC's error line."""
+    result = result_file(root)
+    # A process hop, as for a stage: stoppable, and DVC's API works in the current directory.
+    code, output = _streamed(command("push", remote, result=result), str(root), env)
+    answer = read_result(result)
+    if code != 0 or "pushed" not in answer:
+        raise PushFailed(remote, url, output[-STDERR_TAIL:])
+    return int(answer["pushed"])
 
 
 @task(task_run_name="dvc push {remote}")
@@ -311,11 +339,6 @@ def store_outputs(root: Path, pipeline: Plan, env: dict[str, str]) -> tuple[Stat
 # --- the MLflow parent run -----------------------------------------------------------------------
 
 
-def _git_commit(root: Path) -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
-
-
 def open_parent_run(root: Path) -> tuple[Any, str]:
     """Start the flow's MLflow run (imported lazily: the flow itself needs no ML libraries)."""
     from mlflow import MlflowClient
@@ -330,7 +353,7 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
         tags={
             "upbeat.flow": "retrain",
             "prefect.flow_run_id": str(flow_run.get_id() or "-"),
-            "git.commit": _git_commit(root),
+            "git.commit": git(root, "rev-parse", "HEAD") or "unknown",
         },
     )
     return client, run.info.run_id
@@ -340,18 +363,25 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str] | State:
+def retrain(
+    project: str = ".", lock_timeout: float = 0, planned: dict[str, Any] | None = None
+) -> dict[str, str] | State:
     """Run every DVC stage in order; returns `{stage: "ran" | "skipped"}`.
 
     `project` is the directory holding `dvc.yaml`; `lock_timeout` is how long to wait for another
-    run to finish before refusing (0: refuse at once). A refusal or a failed stage ends the run
-    Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no traceback in
-    the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it Cancelled.
+    run to finish before refusing (0: refuse at once); `planned` is the plan (a `Plan` as a dict,
+    plain JSON for Prefect's parameters) when the caller made it under the lock it holds (`run`),
+    else the flow asks DVC. A refusal or a failed stage ends
+    the run Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no
+    traceback in the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it
+    Cancelled.
     """
+    quiet_refusals()
     root = Path(project).resolve()
     try:
         with run_lock(root, lock_timeout):
-            results, end = run_stages(root, start_plan(root))
+            plan = (lambda: Plan(**planned)) if planned is not None else start_plan(root)
+            results, end = run_stages(root, plan)
     except (LockHeld, PlanError) as exc:
         _log().error("%s", exc)
         return Failed(message=str(exc), data=exc)
@@ -419,27 +449,27 @@ def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
     """What `upbeat run` calls: `{stage: outcome}`, or raises `LockHeld`, `PlanError`,
     `StageFailed`, `PushFailed` or `flows.processes.Stopped`.
 
-    With nothing stale, the stages are recorded as skipped right here, under the lock, in the
-    same MLflow record as a flow run's, without starting a Prefect server for a no-op. With a
-    stage to run, the flow runs through Prefect (PREFECT_API_URL, or a temporary server) and
-    stops in order on SIGTERM/SIGINT.
+    One lock from the plan to the push, one plan, one body (`retrain`'s). With a stage to run it
+    runs as a Prefect flow (PREFECT_API_URL, or a temporary server), stopping in order on
+    SIGTERM/SIGINT; with nothing stale the same body runs as a plain call, because starting a
+    temporary Prefect server would take longer than the whole no-op run.
     """
+    quiet_refusals()
+    project = project.resolve()
     with run_lock(project, lock_timeout):
         planning = start_plan(project)
         import mlflow  # noqa: F401  (loads while DVC plans: the run is recorded either way)
 
         planned = planning()
         if not planned.stale:
-            results, end = run_stages(project, lambda: planned)
-            if end is not None:
-                raise end.result(raise_on_failure=False)  # `PushFailed`
-            return results
+            outcome = retrain.fn(project=str(project), planned=asdict(planned))
+        else:
 
-    def through_prefect() -> Any:
-        with prefect_api():
-            return retrain(project=str(project), lock_timeout=lock_timeout, return_state=True)
+            def through_prefect() -> Any:
+                with prefect_api():
+                    return retrain(project=str(project), planned=asdict(planned), return_state=True)
 
-    outcome = run_stoppable(through_prefect)
+            outcome = run_stoppable(through_prefect)
     return outcome.result() if isinstance(outcome, State) else outcome  # a failure raises
 
 

@@ -77,52 +77,55 @@ def model_name(root: Path) -> str:
     return load_params(root / "params.yaml").register.model_name
 
 
-# --- --set overrides, written into params.yaml --------------------------------------------------
+# --- --set and profiles, written into params.yaml ----------------------------------------------
 
 
-def plan_overrides(raw: dict[str, Any], items: list[str]) -> list[tuple[list[str], Any]]:
-    """Where each `key=value` goes in params.yaml, as a path of mapping keys.
-
-    A key the active profile also sets is written into that profile: otherwise the profile would
-    win again on the next load and the override would silently do nothing.
-    """
-    from upbeat.config import parse_override
-
-    overrides = dict(parse_override(item) for item in items)
-    profile = overrides.get("profile", raw.get("profile", "default"))
-    profile_keys = ((raw.get("profiles") or {}).get(profile) or {}) if profile != "default" else {}
-    return [
-        (["profiles", profile, key] if key in profile_keys else key.split("."), value)
-        for key, value in overrides.items()
-    ]
-
-
-def apply_overrides(params_file: Path, items: list[str]) -> list[str]:
-    """Validate `key=value` overrides against the schema, then write them into params.yaml
-    (comments and layout kept, like `dvc exp run -S`). Nothing is written if any is invalid."""
-    import copy
-
+def write_params(params_file: Path, values: dict[str, Any], source: str) -> list[str]:
+    """Validate dotted `key: value`s against the schema, then write them into params.yaml, its
+    formatting kept (comments, order, quotes, `null`, long lines). Nothing is written if any is
+    invalid. Returns the keys written."""
     from ruamel.yaml import YAML
 
-    from upbeat.config import read_params_file, resolve, set_dotted, validate_params
+    from upbeat.config import (
+        key_path,
+        read_params_file,
+        set_dotted,
+        validate_params,
+        with_overrides,
+    )
 
-    raw = read_params_file(params_file)
-    plan = plan_overrides(raw, items)
-    candidate = copy.deepcopy(raw)
-    for path, value in plan:
-        set_dotted(candidate, path, value)
-    validate_params(resolve(candidate), f"{params_file} with --set {' '.join(items)}")
-
+    validate_params(with_overrides(read_params_file(params_file), values), source)
     yaml = YAML()  # round-trip mode: comments, order and quoting survive
     yaml.preserve_quotes = True
+    yaml.width = 4096  # never wrap a long value (a URL) onto a second line
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     doc = yaml.load(params_file.read_text(encoding="utf-8"))
-    for path, value in plan:
-        set_dotted(doc, path, value)
+    for key, value in values.items():
+        set_dotted(doc, key_path(key), value)
     tmp = params_file.with_name(f".{params_file.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         yaml.dump(doc, f)
     tmp.replace(params_file)
-    return [".".join(path) for path, _ in plan]
+    return list(values)
+
+
+def apply_overrides(params_file: Path, items: list[str]) -> list[str]:
+    """`--set key=value ...`: written into params.yaml, as `dvc exp run -S` does, so DVC hashes
+    the value the stages read and `git diff params.yaml` shows what the run used."""
+    from upbeat.config import parse_override
+
+    values = dict(parse_override(item) for item in items)
+    return write_params(params_file, values, f"{params_file} with --set {' '.join(items)}")
+
+
+def apply_profile(params_file: Path, name: str) -> list[str]:
+    """Write profile `name`'s values into the blocks of params.yaml (a named `--set`)."""
+    from upbeat.config import profile_values, read_params_file
+
+    values = profile_values(read_params_file(params_file), name)
+    return write_params(params_file, values, f"{params_file} with profile {name}")
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -133,7 +136,16 @@ def run(
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", "-S", help="Override a parameter, e.g. --set ppo.steps=10 (repeatable)."
+            "--set",
+            "-S",
+            help="Write a parameter into params.yaml first, e.g. --set ppo.steps=10 (repeatable; "
+            "as `dvc exp run -S`).",
+        ),
+    ] = None,
+    profile_: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", help="Write a profile's values into params.yaml first (before --set)."
         ),
     ] = None,
     lock_timeout: Annotated[
@@ -143,27 +155,31 @@ def run(
     """Run the pipeline through the Prefect flow (DVC skips what is up to date)."""
     root = project()
     with user_errors():
+        if profile_:
+            apply_profile(root / "params.yaml", profile_)
+            console.print(f"params.yaml: profile {profile_} applied")
         if set_:
             written = apply_overrides(root / "params.yaml", set_)
             console.print(f"params.yaml: set {', '.join(written)}")
         from upbeat.config import load_params
 
         load_params(root / "params.yaml")  # fail here, not three stages in
-    from flows import retrain as flows
     from flows.pipeline import PlanError
     from flows.processes import Stopped
+    from flows.retrain import LockHeld, PushFailed, StageFailed
+    from flows.retrain import run as run_pipeline
 
     try:
-        results = flows.run(root, lock_timeout=lock_timeout)
-    except (flows.LockHeld, PlanError) as exc:
+        results = run_pipeline(root, lock_timeout=lock_timeout)
+    except (LockHeld, PlanError) as exc:
         raise fail(str(exc)) from None
-    except flows.StageFailed as exc:
+    except StageFailed as exc:
         raise fail(
             str(exc),
             "fix the cause and run `upbeat run` again: finished stages are kept and skipped, the "
             "champion model is unchanged",
         ) from None
-    except flows.PushFailed as exc:
+    except PushFailed as exc:
         raise fail(str(exc)) from None
     except Stopped as exc:
         err.print(
@@ -176,6 +192,27 @@ def run(
     for stage, outcome in results.items():
         table.add_row(stage, "[green]ran[/]" if outcome == "ran" else "[dim]up to date[/]")
     console.print(table)
+
+
+@app.command()
+def profile(
+    name: Annotated[str | None, typer.Argument(help="Profile to apply (none: show them).")] = None,
+) -> None:
+    """Write a profile's values into params.yaml's blocks, or show which profile they match."""
+    from upbeat.config import applied_profiles, read_params_file
+
+    params_file = project() / "params.yaml"
+    with user_errors():
+        if name is not None:
+            written = apply_profile(params_file, name)
+            console.print(f"params.yaml: profile {name} applied ({', '.join(written)})")
+            return
+        raw = read_params_file(params_file)
+        applied = applied_profiles(raw)
+        for known in raw.get("profiles") or {}:
+            console.print(f"{'*' if known in applied else ' '} {known}", highlight=False)
+        if not applied:
+            console.print("(the blocks match no profile: a --set or an edit changed one's key)")
 
 
 @app.command()
@@ -193,12 +230,12 @@ def serve(
             "(schedules stop with this process). For a persistent one: `prefect server start "
             "--host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
         )
-    from flows import retrain as flows
     from flows.processes import interrupt_on_sigterm, prefect_api
+    from flows.retrain import serve as serve_flow
 
     # SIGTERM stops serving like Ctrl-C; a temporary server is stopped with it, never orphaned.
     with contextlib.suppress(KeyboardInterrupt), interrupt_on_sigterm(), prefect_api():
-        flows.serve(str(root), cron=cron, name=name)
+        serve_flow(str(root), cron=cron, name=name)
 
 
 @app.command()

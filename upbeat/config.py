@@ -1,9 +1,10 @@
 """Typed parameters: the schema of `params.yaml`.
 
 One pydantic model per stage block, fields named as the keys in `params.yaml`, unknown keys
-rejected. `load_params` applies the selected profile (a set of dotted overrides, so that the seeds'
-recipe is one `profile: seeds` switch away) and any `--set key=value` overrides, then validates.
-Every error names the offending key, so a typo never silently falls back to a default.
+rejected. A profile is a named set of dotted values (`profiles.seeds`: the original recipe) that
+`upbeat profile seeds` writes into the blocks, like `--set`: the blocks alone are what the stages
+read and what DVC hashes. `load_params` validates them and every profile; every error names the
+offending key, so a typo never silently falls back to a default.
 Nothing here touches the filesystem at import time.
 """
 
@@ -14,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from upbeat.errors import UpbeatError
 
@@ -90,11 +99,31 @@ class PolicyParams(_Block):
     local rank."""
 
 
-class SFTParams(_Block):
+class _Training(_Block):
+    """The keys SFT and PPO share: the optimizer step, precision, processes and seed."""
+
+    learning_rate: float = Field(gt=0)
+    """Peak learning rate: AdamW with linear warmup then decay (SFT), Adam for the policy and
+    value head (PPO)."""
+    max_grad_norm: float = Field(gt=0)
+    """Global gradient-norm clip (one bad batch of odd tweets must not wreck the model)."""
+    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+    """Autocast the training matmuls to bf16 (weights and optimizer state stay fp32); PPO also
+    samples from a bf16 copy (CPU) or under autocast (GPU). `auto`: only where the device
+    multiplies bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs); elsewhere bf16
+    is emulated and far slower than fp32 (`upbeat.models.resolve_bf16`)."""
+    processes: int = Field(ge=1)
+    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each). Each takes an
+    equal share of every batch (PPO: and minibatch), so `sft.batch_size` / `ppo.minibatch_size`
+    must divide by it; a PPO checkpoint resumes only with the same count."""
+    seed: int
+    """Seed for shuffling, initialisation, and PPO's prompt sampling and generation; the same
+    seed and data give the same weights on the CPU."""
+
+
+class SFTParams(_Training):
     epochs: int = Field(ge=1)
     """Passes over the (capped) train split."""
-    learning_rate: float = Field(gt=0)
-    """AdamW peak learning rate (linear warmup, then linear decay)."""
     batch_size: int = Field(ge=1)
     """Sequences per optimizer step."""
     max_length: int = Field(ge=8)
@@ -103,20 +132,10 @@ class SFTParams(_Block):
     """Linear warmup steps."""
     train_top_blocks: int = Field(ge=0)
     """Train only the top N transformer blocks (+ final norm); 0 trains every weight."""
-    max_grad_norm: float = Field(gt=0)
-    """Global gradient-norm clip (one bad batch of odd tweets must not wreck the model)."""
     max_train_examples: int = Field(ge=1)
     """Cap on train tweets per epoch: CPU time is the budget."""
     max_eval_examples: int = Field(ge=1)
     """Eval tweets for perplexity before/after."""
-    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
-    """Autocast the forward passes to bf16 (weights and optimizer state stay fp32). `auto`: where
-    the device multiplies bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs)."""
-    processes: int = Field(ge=1)
-    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each); each takes
-    `batch_size / processes` rows of every batch, so `batch_size` must divide by it."""
-    seed: int
-    """Seed for shuffling and initialisation; same seed + data gives the same weights on CPU."""
 
 
 class RewardParams(_Block):
@@ -139,7 +158,7 @@ class RewardParams(_Block):
     """Labelled eval tweets used to check the reward agrees with human labels."""
 
 
-class PPOParams(_Block):
+class PPOParams(_Training):
     steps: int = Field(ge=1)
     """PPO iterations (each: one rollout batch, then `ppo_epochs` of minibatch updates)."""
     batch_size: int = Field(ge=1)
@@ -148,8 +167,6 @@ class PPOParams(_Block):
     """Episodes per gradient step."""
     ppo_epochs: int = Field(ge=1)
     """Passes over each rollout batch."""
-    learning_rate: float = Field(gt=0)
-    """Adam learning rate for policy and value head."""
     prompt_min_tokens: int = Field(ge=1)
     """Shortest prompt, in tokens, cut from the start of a train tweet."""
     prompt_max_tokens: int = Field(ge=1)
@@ -180,8 +197,6 @@ class PPOParams(_Block):
     """Value clip around the rollout's values."""
     vf_coef: float = Field(ge=0)
     """Value loss weight."""
-    max_grad_norm: float = Field(gt=0)
-    """Global gradient-norm clip."""
     whiten_advantages: bool
     """Normalise advantages per batch to mean 0, std 1."""
     ratio_threshold: float = Field(gt=1)
@@ -189,19 +204,8 @@ class PPOParams(_Block):
     train_top_blocks: int = Field(ge=1)
     """Train the top N blocks (+ final norm); the frozen trunk below is shared by policy and
     reference and computed once per rollout (trlx's hydra)."""
-    bf16: Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
-    """Sample from a bf16 copy (CPU) or under bf16 autocast (GPU) and autocast the training
-    matmuls to bf16; weights and optimizer state stay fp32. `auto`: only where the device multiplies
-    bf16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs); elsewhere bf16 is emulated
-    and far slower than fp32 (`upbeat.models.resolve_bf16`)."""
     checkpoint_every: int = Field(ge=1)
     """Save a resumable checkpoint every N steps."""
-    processes: int = Field(ge=1)
-    """Data-parallel processes (torchrun; gloo on CPU, nccl with one GPU each). Each samples,
-    scores and trains on `1/processes` of every batch and minibatch, so `minibatch_size` must
-    divide by it; a checkpoint resumes only with the same count."""
-    seed: int
-    """Seed for prompt sampling, generation and shuffling."""
 
 
 class EvaluateParams(_Block):
@@ -243,12 +247,11 @@ class GateParams(_Block):
 
 
 class Params(_Block):
-    """The whole of `params.yaml`, after the profile and overrides are applied."""
+    """The whole of `params.yaml` (with any in-memory overrides applied)."""
 
-    profile: str = "default"
-    """Which entry of `profiles` to apply; `default` applies none."""
     profiles: dict[str, dict[str, Any]] = {}
-    """Named sets of dotted overrides, e.g. `seeds: {policy.base: gpt2}`."""
+    """Named sets of dotted values, e.g. `seeds: {policy.base: gpt2}`, each naming the same keys;
+    `upbeat profile NAME` writes one into the blocks. No stage reads them."""
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     clean: CleanParams
@@ -262,10 +265,25 @@ class Params(_Block):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @field_validator("profiles")
+    @classmethod
+    def _same_keys(cls, profiles: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        named = {name: set(preset or {}) for name, preset in profiles.items()}
+        every = set().union(*named.values())
+        gaps = [
+            f"{name} misses {', '.join(sorted(every - keys))}"
+            for name, keys in named.items()
+            if every - keys
+        ]
+        if gaps:
+            raise ValueError(
+                "every profile must name the same keys, so applying one replaces all the values "
+                f"another set ({'; '.join(gaps)})"
+            )
+        return profiles
+
     @model_validator(mode="after")
     def _check(self) -> Params:
-        if self.profile != "default" and self.profile not in self.profiles:
-            raise ValueError(f"profile {self.profile!r} is not defined under `profiles`")
         if self.ppo.prompt_min_tokens > self.ppo.prompt_max_tokens:
             raise ValueError("ppo.prompt_min_tokens must be <= ppo.prompt_max_tokens")
         if self.ppo.batch_size % self.ppo.minibatch_size:
@@ -328,22 +346,51 @@ def set_dotted(data: dict[str, Any], key: str | list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Apply `--set` overrides, then the selected profile's overrides, to raw params."""
+def key_path(key: str) -> list[str]:
+    """The mapping keys of a dotted key: `ppo.steps` -> [ppo, steps]; a profile's own key stays
+    one step, `profiles.seeds.policy.base` -> [profiles, seeds, policy.base]."""
+    parts = key.split(".")
+    if parts[0] == "profiles" and len(parts) > 2:
+        return [*parts[:2], ".".join(parts[2:])]
+    return parts
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of raw params with dotted `key: value` overrides set."""
     data = copy.deepcopy(raw)
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
-    profile = data.get("profile", "default")
-    profiles = data.get("profiles") or {}
-    if profile != "default":
-        if profile not in profiles:
-            known = ", ".join(["default", *profiles]) or "default"
-            raise ConfigError(f"profile: {profile!r} is not defined (known: {known})")
-        for key, value in (profiles[profile] or {}).items():
-            # An explicit --set beats the profile: the user asked for it on this run.
-            if key not in (overrides or {}):
-                set_dotted(data, key, value)
+        set_dotted(data, key_path(key), value)
     return data
+
+
+def profile_values(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """The dotted `key: value`s profile `name` sets; a clear error naming the known ones."""
+    profiles = raw.get("profiles") or {}
+    if name not in profiles:
+        known = ", ".join(profiles) or "none"
+        raise ConfigError(f"profile {name!r} is not defined under `profiles` (known: {known})")
+    return dict(profiles[name] or {})
+
+
+def applied_profiles(raw: dict[str, Any]) -> list[str]:
+    """The profiles whose every value the blocks hold now (none after a `--set` of one's key)."""
+
+    def value(key: str) -> Any:
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    return [
+        name
+        for name, preset in (raw.get("profiles") or {}).items()
+        if all(value(key) == wanted for key, wanted in (preset or {}).items())
+    ]
+
+
+_MISSING = object()
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -351,7 +398,12 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         loc = loc.replace("validate_", "validate").replace("register_", "register")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc == "profile":
+            lines.append(
+                "  profile: no longer a switch: `upbeat profile NAME` writes a profile's values "
+                "into the blocks (so DVC sees them); delete this line"
+            )
+        elif err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (typo? see upbeat/config.py for the schema)")
         else:
             got = err.get("input")
@@ -361,11 +413,21 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def validate_params(data: dict[str, Any], source: str = PARAMS_FILE) -> Params:
-    """Validate an already-resolved params dict; raise ConfigError naming each bad key."""
+    """Validate a params dict, and the blocks as each profile would write them (so a bad profile
+    fails when it is written, not when applied); raise ConfigError naming each bad key."""
     try:
-        return Params.model_validate(data)
+        params = Params.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    for name, preset in params.profiles.items():
+        try:
+            Params.model_validate(with_overrides({**data, "profiles": {}}, preset))
+        except (ValidationError, ConfigError) as exc:
+            detail = _format_errors(exc, source) if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigError(
+                detail.replace("invalid parameters", f"profile {name!r} is invalid")
+            ) from None
+    return params
 
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -385,7 +447,8 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 def load_params(
     path: str | Path = PARAMS_FILE, overrides: list[str] | dict[str, Any] | None = None
 ) -> Params:
-    """Load, resolve and validate params.yaml; `overrides` are `key=value` strings or a dict."""
+    """Load and validate params.yaml, with in-memory `overrides` (`key=value` strings or a dict;
+    tests and benchmarks: a run's own values are written into the file, see `upbeat run --set`)."""
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
-    return validate_params(resolve(read_params_file(path), overrides), str(path))
+    return validate_params(with_overrides(read_params_file(path), overrides), str(path))

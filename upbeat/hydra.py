@@ -163,19 +163,34 @@ class Hydra(nn.Module):
         # PyTorch's CPU SDPA backward is the slower one in bf16 (not in fp32; a GPU keeps SDPA).
         # Set after the sampling copy is taken (it keeps SDPA, no slower for decoding) and before
         # the reference copies, which must attend exactly as the policy does.
+        self._attention = model.config._attn_implementation  # put back by `restore`
         if bf16 and on_cpu:
             model.set_attn_implementation("eager")
-        # Reference top: frozen copies of the SFT weights, taken before any update.
-        self.ref_blocks = nn.ModuleList(copy.deepcopy(b) for b in blocks[self.split :])
-        self.ref_norm = copy.deepcopy(final_norm(model))
-        for p in [*self.ref_blocks.parameters(), *self.ref_norm.parameters()]:
-            p.requires_grad_(False)
-        # Zero-initialised value head: V ≡ 0 at the start, so early advantages are the rewards
-        # themselves rather than noise from a random critic (N implementation details, #8).
-        hidden = model.get_input_embeddings().weight.shape[1]
-        self.value_head = nn.Linear(hidden, 1, device=self.device)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        try:  # whoever switched attention puts it back, here if the rest fails
+            # Reference top: frozen copies of the SFT weights, taken before any update.
+            self.ref_blocks = nn.ModuleList(copy.deepcopy(b) for b in blocks[self.split :])
+            self.ref_norm = copy.deepcopy(final_norm(model))
+            for p in [*self.ref_blocks.parameters(), *self.ref_norm.parameters()]:
+                p.requires_grad_(False)
+            # Zero-initialised value head: V ≡ 0 at the start, so early advantages are the rewards
+            # themselves rather than noise from a random critic (N implementation details, #8).
+            hidden = model.get_input_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1, device=self.device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        """Put back the attention implementation the model had before this hydra."""
+        self.model.set_attn_implementation(self._attention)
+
+    def __enter__(self) -> Hydra:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.restore()  # also when a step raises or is interrupted
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """Every trained weight by name: `model.<name>` (top blocks, final norm) and

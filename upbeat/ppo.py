@@ -233,13 +233,31 @@ def prompt_pool(tokenizer: Any, texts: Sequence[str], min_tokens: int) -> list[l
     return pool
 
 
+@dataclass(frozen=True)
+class Share:
+    """This process's share of every batch and minibatch (the whole of them with one process)."""
+
+    batch_size: int
+    minibatch_size: int
+
+    @classmethod
+    def of(cls, cfg: PPOParams, world: int) -> Share:
+        return cls(cfg.batch_size // world, cfg.minibatch_size // world)
+
+
 def draw_prompts(
-    pool: list[list[int]], tokenizer: Any, cfg: PPOParams, rng: np.random.Generator
+    pool: list[list[int]],
+    tokenizer: Any,
+    cfg: PPOParams,
+    rng: np.random.Generator,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` prompts: the first k ∈ [min, max] tokens of random tweets, left-padded."""
+    """`batch_size` (default `cfg.batch_size`) prompts: the first k ∈ [min, max] tokens of random
+    tweets, left-padded."""
     special = set(tokenizer.all_special_ids)
     rows = []
-    for i in rng.choice(len(pool), size=cfg.batch_size, replace=len(pool) < cfg.batch_size):
+    n = cfg.batch_size if batch_size is None else batch_size
+    for i in rng.choice(len(pool), size=n, replace=len(pool) < n):
         ids = pool[int(i)]
         lead = next((j for j, t in enumerate(ids) if t not in special), len(ids))
         k = int(rng.integers(cfg.prompt_min_tokens, cfg.prompt_max_tokens + 1))
@@ -287,6 +305,21 @@ def _rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, distributed.rank()])
 
 
+@dataclass
+class _Run:
+    """What every step of one `train` call works with (built by `_setup`)."""
+
+    hydra: Hydra
+    optimizer: torch.optim.Optimizer
+    kl_ctl: FixedKLController | AdaptiveKLController
+    result: PPOResult
+    pool: list[list[int]]
+    share: Share
+    bf16: bool
+    run_id: str  # the fingerprint a checkpoint must carry to be resumed by this run
+    ckpt_dir: Path | None
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -309,15 +342,37 @@ def train(
     `on_step(step, metrics)` is called after every step (logging lives with the caller).
 
     Under torchrun (`cfg.processes` > 1, see `upbeat.distributed`) each process samples, scores
-    and trains on its share of every batch and minibatch (`share` below); the statistics that must
-    be the whole batch's are summed over the processes (advantage whitening, the β update, the
-    logged metrics) and so are the gradients. The main process alone writes checkpoints and calls
-    `on_step`.
+    and trains on its `Share` of every batch and minibatch; the statistics that must be the whole
+    batch's are summed over the processes (advantage whitening, the β update, the logged metrics)
+    and so are the gradients. The main process alone writes checkpoints and calls `on_step`.
     """
-    # 0. Setup. Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader
-    #    also zeroes dropout probabilities).
+    # Dropout off: eval mode throughout, so the first ratio is exactly 1 (the loader also zeroes
+    # dropout probabilities).
     model.eval()
-    device = model_device(model)  # where every tensor of the run lives
+    bf16 = resolve_bf16(cfg.bf16, model_device(model))  # `auto`: only on bf16 hardware
+    with Hydra(model, cfg.train_top_blocks, bf16=bf16) as hydra:  # restores attention on exit
+        run = _setup(hydra, tokenizer, texts, cfg, bf16, checkpoint_dir, resume, run_key)
+        for step in range(run.result.resumed_from, cfg.steps):
+            metrics = ppo_step(run, tokenizer, scorer, cfg, step)
+            run.result.history.append(metrics)
+            if distributed.is_main():
+                if on_step is not None:
+                    on_step(step + 1, metrics)
+                _checkpoint(run, cfg, step + 1)
+    return run.result
+
+
+def _setup(
+    hydra: Hydra,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: PPOParams,
+    bf16: bool,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    run_key: str,
+) -> _Run:
+    """The prompt pool, optimizer and KL controller, resumed from a checkpoint when one fits."""
     pool = prompt_pool(tokenizer, texts, cfg.prompt_min_tokens)
     if not pool:
         raise TrainingError(f"no train text has more than {cfg.prompt_min_tokens} tokens")
@@ -327,135 +382,139 @@ def train(
             f"ppo.processes is {cfg.processes} but {world} processes are running; the stage "
             "launches them itself (see upbeat/distributed.py)"
         )
-    # This process's share of every batch and minibatch (the whole of them with one process).
-    share = cfg.model_copy(
-        update=dict(batch_size=cfg.batch_size // world, minibatch_size=cfg.minibatch_size // world)
+    trained = hydra.trained_parameters()
+    # CleanRL's eps. `fused`: one kernel per step instead of ~10 elementwise passes over the
+    # trained weights.
+    optimizer = torch.optim.Adam(list(trained.values()), lr=cfg.learning_rate, eps=1e-5, fused=True)
+    kl_ctl: FixedKLController | AdaptiveKLController = (
+        AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.init_kl_coef)
     )
-    main = distributed.is_main()
-    bf16 = resolve_bf16(cfg.bf16, device)  # `auto`: only where the device has bf16 hardware
-    attention = model.config._attn_implementation  # the hydra switches it for bf16 training
-    try:
-        hydra = Hydra(model, cfg.train_top_blocks, bf16=bf16)
-        trained = hydra.trained_parameters()
-        # CleanRL's eps. `fused`: one kernel per step instead of ~10 elementwise passes over the
-        # trained weights.
-        optimizer = torch.optim.Adam(
-            list(trained.values()), lr=cfg.learning_rate, eps=1e-5, fused=True
-        )
-        kl_ctl: FixedKLController | AdaptiveKLController = (
-            AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-            if cfg.adaptive_kl
-            else FixedKLController(cfg.init_kl_coef)
-        )
-        result = PPOResult()
-        # A checkpoint resumes only the run it came from: same params, same `run_key` (the
-        # caller's identity of model and reward), same precision as resolved (`auto` differs per
-        # machine), same trained weights and same process count (recorded beside the
-        # fingerprint, so that a run with another count can say so); anything else in the
-        # directory is stale and removed. The device is not part of it: checkpoints hold CPU
-        # tensors, loaded onto whatever device this run has.
-        run_id = fingerprint(
-            cfg.model_dump_json(exclude={"processes"}),
-            run_key,
-            f"bf16={bf16}",
-            *(f"{name}{tuple(p.shape)}" for name, p in trained.items()),
-        )
-        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if ckpt_dir is not None and resume:
-            ckpt, result.skipped_checkpoints = _resume_point(ckpt_dir, run_id, world)
-            if ckpt is not None:
-                hydra.load_trained(ckpt.weights)
-                optimizer.load_state_dict(ckpt.optimizer)
-                kl_ctl.value = ckpt.kl_coef
-                result.history, result.resumed_from = ckpt.history, ckpt.step
-        elif ckpt_dir is not None and main:
-            remove_checkpoints(ckpt_dir)
+    # A checkpoint resumes only the run it came from: same params, same `run_key` (the caller's
+    # identity of model and reward), same precision as resolved (`auto` differs per machine),
+    # same trained weights and same process count (recorded beside the fingerprint, so that a run
+    # with another count can say so); anything else in the directory is stale and removed. The
+    # device is not part of it: checkpoints hold CPU tensors, loaded onto this run's device.
+    run_id = fingerprint(
+        cfg.model_dump_json(exclude={"processes"}),
+        run_key,
+        f"bf16={bf16}",
+        *(f"{name}{tuple(p.shape)}" for name, p in trained.items()),
+    )
+    run = _Run(
+        hydra, optimizer, kl_ctl, PPOResult(), pool, Share.of(cfg, world), bf16, run_id, None
+    )
+    if checkpoint_dir is None:
+        return run
+    run.ckpt_dir = Path(checkpoint_dir)
+    if resume:
+        ckpt, run.result.skipped_checkpoints = _resume_point(run.ckpt_dir, run_id, world)
+        if ckpt is not None:
+            hydra.load_trained(ckpt.weights)
+            optimizer.load_state_dict(ckpt.optimizer)
+            kl_ctl.value = ckpt.kl_coef
+            run.result.history, run.result.resumed_from = ckpt.history, ckpt.step
+    elif distributed.is_main():
+        remove_checkpoints(run.ckpt_dir)
+    return run
 
-        for step in range(result.resumed_from, cfg.steps):
-            rng = _rng(cfg.seed, step)
-            # A CPU generator on every device: the same uniforms, hence tokens, on a CPU or a GPU.
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            clock = _Clock()
 
-            # 1. Prompts: the first k tokens of random train tweets, left-padded.
-            query_ids, query_mask = draw_prompts(pool, tokenizer, share, rng)  # (B, Tq)
-            query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+def ppo_step(
+    run: _Run, tokenizer: Any, scorer: Scorer, cfg: PPOParams, step: int
+) -> dict[str, float]:
+    """One PPO iteration (steps 1-8 below); its metrics."""
+    hydra = run.hydra
+    rng = _rng(cfg.seed, step)
+    # A CPU generator on every device: the same uniforms, hence tokens, on a CPU or a GPU.
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    clock = _Clock()
 
-            # 2. Rollout: sample responses, capturing the trunk's output on the way.
-            ep = sample_episodes(hydra, tokenizer, query_ids, query_mask, cfg, gen)
-            mask = ep.response_mask  # (B, R)
-            clock.lap("generate")
+    # 1. Prompts: the first k tokens of random train tweets, left-padded.
+    query_ids, query_mask = draw_prompts(run.pool, tokenizer, cfg, rng, run.share.batch_size)
+    query_ids, query_mask = query_ids.to(hydra.device), query_mask.to(hydra.device)  # (B, Tq)
 
-            # 3. Score each response (or prompt + response) once, at its last token.
-            raw_score, score = score_episodes(scorer, tokenizer, ep, cfg, step)  # (B,) each
-            clock.lap("score")
+    # 2. Rollout: sample responses, capturing the trunk's output on the way.
+    ep = sample_episodes(hydra, tokenizer, query_ids, query_mask, cfg, gen)
+    clock.lap("generate")
 
-            # 4. Old log-probs, values and entropy (policy), and reference log-probs.
-            old_logprobs, old_values, entropy, ref_logprobs = evaluate_episodes(
-                hydra, ep, cfg.temperature
-            )  # (B, R) each
-            clock.lap("reference")
+    # 3. Score each response (or prompt + response) once, at its last token.
+    raw_score, score = score_episodes(scorer, tokenizer, ep, cfg, step)  # (B,) each
+    clock.lap("score")
 
-            # 5. Rewards: −β·KL per token plus the score at the last real token (Ziegler et al.).
-            beta = kl_ctl.value
-            rewards, seq_kl = kl_rewards(score, old_logprobs, ref_logprobs, mask, beta)
+    # 4. Old log-probs, values and entropy (policy), and reference log-probs.
+    old_logprobs, old_values, entropy, ref_logprobs = evaluate_episodes(
+        hydra, ep, cfg.temperature
+    )  # (B, R) each
+    clock.lap("reference")
 
-            # 6. Advantages by GAE(γ, λ); whitened over the whole batch (every process's tokens)
-            #    (trick: advantage normalisation).
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask, reduce=distributed.all_sum)
+    # 5. Rewards: −β·KL per token plus the score at the last real token (Ziegler et al.).
+    beta = run.kl_ctl.value
+    mask = ep.response_mask  # (B, R)
+    rewards, seq_kl = kl_rewards(score, old_logprobs, ref_logprobs, mask, beta)
 
-            # 7. PPO epochs over shuffled minibatches (of this process's share).
-            b_rollout = (old_logprobs, old_values, advantages, returns)  # (B, R) each
-            update = ppo_epochs(hydra, optimizer, ep, *b_rollout, share, rng, step)
-            clock.lap("train")
+    # 6. Advantages by GAE(γ, λ); whitened over the whole batch (every process's tokens)
+    #    (trick: advantage normalisation).
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask, reduce=distributed.all_sum)
 
-            # 8. Adapt β to the whole batch's sequence KL, log, checkpoint.
-            b_seq_kl = distributed.all_rows(seq_kl)  # (B,) every process's episodes
-            kl_ctl.update(b_seq_kl.mean().item(), cfg.batch_size)
-            metrics = {
-                **objective_metrics(
-                    distributed.all_rows(raw_score),
-                    distributed.all_rows(score),
-                    b_seq_kl,
-                    distributed.all_rows(rewards.sum(1)),
-                    beta,
-                ),
-                "policy/entropy": masked_moments(entropy, mask, distributed.all_sum)[0].item(),
-                **update,
-                "val/explained_variance": explained_variance(
-                    old_values, returns, mask, distributed.all_sum
-                ),
-                "response/length": distributed.all_rows(mask.sum(1)).mean().item(),
-                "response/eos_fraction": distributed.all_rows(_ends_with_eos(ep, tokenizer).float())
-                .mean()
-                .item(),
-                **clock.laps,
-                "perf/episodes_per_s": cfg.batch_size / clock.total,
-                "perf/bf16": float(bf16),  # what `ppo.bf16` resolved to on this machine
-            }
-            result.history.append(metrics)
-            if main and on_step is not None:
-                on_step(step + 1, metrics)
-            if (
-                main
-                and ckpt_dir is not None
-                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
-            ):
-                save_checkpoint(
-                    ckpt_dir,
-                    step + 1,
-                    trained,
-                    optimizer,
-                    fingerprint=run_id,
-                    processes=world,
-                    kl_coef=kl_ctl.value,
-                    history=result.history,
-                )
-    finally:
-        model.set_attn_implementation(attention)  # also when a step raises or is interrupted
-    return result
+    # 7. PPO epochs over shuffled minibatches (of this process's share).
+    b_rollout = (old_logprobs, old_values, advantages, returns)  # (B, R) each
+    update = ppo_epochs(hydra, run.optimizer, ep, *b_rollout, cfg, run.share, rng, step)
+    clock.lap("train")
+
+    # 8. Adapt β to the whole batch's sequence KL.
+    b_seq_kl = distributed.all_rows(seq_kl)  # (B,) every process's episodes
+    run.kl_ctl.update(b_seq_kl.mean().item(), cfg.batch_size)
+    return {
+        **objective_metrics(
+            distributed.all_rows(raw_score),
+            distributed.all_rows(score),
+            b_seq_kl,
+            distributed.all_rows(rewards.sum(1)),
+            beta,
+        ),
+        **rollout_metrics(ep, tokenizer, entropy, old_values, returns),
+        **update,
+        **clock.laps,
+        "perf/episodes_per_s": cfg.batch_size / clock.total,
+        "perf/bf16": float(run.bf16),  # what `ppo.bf16` resolved to on this machine
+    }
+
+
+def rollout_metrics(
+    ep: Episodes,
+    tokenizer: Any,
+    entropy: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+) -> dict[str, float]:
+    """The rollout's policy entropy, value fit and response shape, over every process's batch."""
+    mask = ep.response_mask
+    ends = _ends_with_eos(ep, tokenizer).float()
+    return {
+        "policy/entropy": masked_moments(entropy, mask, distributed.all_sum)[0].item(),
+        "val/explained_variance": explained_variance(values, returns, mask, distributed.all_sum),
+        "response/length": distributed.all_rows(mask.sum(1)).mean().item(),
+        "response/eos_fraction": distributed.all_rows(ends).mean().item(),
+    }
+
+
+def _checkpoint(run: _Run, cfg: PPOParams, done: int) -> None:
+    """Save a checkpoint after step `done` every `checkpoint_every` steps and at the end."""
+    if run.ckpt_dir is None or (done % cfg.checkpoint_every and done != cfg.steps):
+        return
+    save_checkpoint(
+        run.ckpt_dir,
+        done,
+        run.hydra.trained_parameters(),
+        run.optimizer,
+        fingerprint=run.run_id,
+        processes=distributed.size(),
+        kl_coef=run.kl_ctl.value,
+        history=run.result.history,
+    )
 
 
 def _resume_point(
@@ -563,6 +622,7 @@ def ppo_epochs(
     b_advantages: torch.Tensor,
     b_returns: torch.Tensor,
     cfg: PPOParams,
+    share: Share,
     rng: np.random.Generator,
     step: int,
 ) -> dict[str, float]:
@@ -570,8 +630,8 @@ def ppo_epochs(
     loss, gradient clipping, and TRL's ratio_threshold guard (a minibatch whose ratio exploded
     is skipped). `b_*` are the (B, R) rollout tensors; returns the updates' mean statistics.
 
-    With several processes, `cfg` holds this process's share of the batch and minibatch sizes;
-    each divides its losses by the minibatch's token count over every process and the gradients
+    With several processes, `share` holds this process's part of the batch and minibatch; each
+    divides its losses by the minibatch's token count over every process and the gradients
     are summed, so each update is the one a single process would make on the union of the shares.
     The statistics (and so the guard's decision) are the union's too."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -580,10 +640,10 @@ def ppo_epochs(
     }
     skipped = 0
     for _ in range(cfg.ppo_epochs):
-        order = rng.permutation(cfg.batch_size)
-        for mb_start in range(0, cfg.batch_size, cfg.minibatch_size):
+        order = rng.permutation(share.batch_size)
+        for mb_start in range(0, share.batch_size, share.minibatch_size):
             mb = torch.as_tensor(
-                order[mb_start : mb_start + cfg.minibatch_size], device=hydra.device
+                order[mb_start : mb_start + share.minibatch_size], device=hydra.device
             )
             mb_mask = ep.response_mask[mb]
             n_tokens = distributed.all_sum(mb_mask.sum())  # the minibatch's, every process's

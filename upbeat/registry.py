@@ -23,7 +23,6 @@ import getpass
 import hashlib
 import json
 import math
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import yaml
 from upbeat import model_card
 from upbeat.config import GateParams
 from upbeat.errors import UpbeatError
+from upbeat.tracking import git as _git
 from upbeat.tracking import refused, registry_uri, setup_mlflow, tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -108,11 +108,6 @@ def gate(
 
 
 # --- lineage -------------------------------------------------------------------------------------
-
-
-def _git(root: Path, *args: str) -> str | None:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def lineage(root: Path, params: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,12 @@ def project_root(start: Path | None = None) -> Path:
         if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file():
             return candidate
     return here
+
+
+def git(root: Path, *args: str) -> str | None:
+    """`git ARGS` in `root`: its stripped output, or None when git fails (not a repository)."""
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def tracking_uri(root: Path | None = None) -> str:

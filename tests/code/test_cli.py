@@ -31,7 +31,7 @@ def proj(tmp_path, monkeypatch):
         ("ppo.steps=-1", "ppo.steps"),
         ("ppo.steps=many", "ppo.steps"),
         ("no_equals_sign", "must look like key=value"),
-        ("profile=nope", "nope"),
+        ("profile=seeds", "profile: no longer a switch"),
         ("ppo.steps.deep=3", "ppo.steps is not a block, cannot set ppo.steps.deep"),
     ],
 )
@@ -54,14 +54,45 @@ def test_overrides_written_with_comments_kept(proj):
     assert params.ppo.steps == 7 and params.clean.keep_targets == [0, 2]
 
 
-def test_override_of_a_profile_key_goes_into_the_profile(proj):
+def test_overrides_keep_nulls_and_long_lines(proj):
+    # ruamel's defaults write `null` as an empty value and fold a long URL onto two lines
     path = proj / "params.yaml"
-    apply_overrides(path, ["profile=seeds", "policy.base=distilgpt2", "ppo.steps=3"])
+    url = "https://example.org/" + "a-long-path-segment/" * 6 + "trainingandtestdata.zip"
+    before = path.read_text()
+    apply_overrides(path, [f"ingest.sentiment140_url={url}", "ppo.steps=7"])
+    after = path.read_text()
+    assert f"  sentiment140_url: {url}\n" in after
+    assert after.count(": null") == before.count(": null") - 1 > 0  # the URL's null replaced
+    changed = [
+        (old, new)
+        for old, new in zip(before.splitlines(), after.splitlines(), strict=True)
+        if old != new
+    ]
+    assert [new.split(":")[0].strip() for _, new in changed] == ["sentiment140_url", "steps"]
+
+
+def test_profile_is_written_into_the_blocks_and_back(proj):
+    path = proj / "params.yaml"
+    before = path.read_text()
+    result = runner.invoke(app, ["profile", "seeds"])
+    assert result.exit_code == 0, result.output
     raw = yaml.safe_load(path.read_text())
-    assert raw["profiles"]["seeds"]["policy.base"] == "distilgpt2"  # else the profile would win
-    assert raw["policy"]["base"] == "packaged:smollm2-135m"
-    params = load_params(path)
-    assert params.policy.base == "distilgpt2" and params.ppo.steps == 3
+    assert raw["policy"]["base"] == "gpt2" and raw["reward"]["kind"] == "hf"
+    assert "* seeds" in runner.invoke(app, ["profile"]).output
+    assert runner.invoke(app, ["profile", "default"]).exit_code == 0
+    assert path.read_text() == before  # formatting and all
+
+
+def test_set_of_a_profile_key_leaves_no_profile_matching(proj):
+    apply_overrides(proj / "params.yaml", ["policy.base=distilgpt2"])
+    assert load_params(proj / "params.yaml").policy.base == "distilgpt2"
+    shown = runner.invoke(app, ["profile"]).output
+    assert "the blocks match no profile" in shown and "*" not in shown
+
+
+def test_unknown_profile_is_one_error_line(proj):
+    result = runner.invoke(app, ["run", "--profile", "sedes"])
+    assert result.exit_code == 1 and "profile 'sedes' is not defined" in result.output
 
 
 def test_outside_a_project(tmp_path, monkeypatch):

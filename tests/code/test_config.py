@@ -8,7 +8,15 @@ import sys
 import pytest
 import yaml
 
-from upbeat.config import ConfigError, load_params, parse_override, set_dotted
+from upbeat.config import (
+    ConfigError,
+    applied_profiles,
+    key_path,
+    load_params,
+    parse_override,
+    profile_values,
+    set_dotted,
+)
 from upbeat.tracking import project_root
 
 PARAMS = project_root() / "params.yaml"
@@ -68,17 +76,36 @@ def test_missing_key_is_named(tmp_path, raw):
         load_params(write(tmp_path, raw))
 
 
-def test_profile_switch_applies_its_overrides(tmp_path, raw):
-    raw["profile"] = "seeds"
-    p = load_params(write(tmp_path, raw))
-    assert p.ingest.source == "sentiment140"
-    assert p.ingest.sentiment140_url == raw["profiles"]["seeds"]["ingest.sentiment140_url"]
-
-
-def test_unknown_profile_is_refused(tmp_path, raw):
-    raw["profile"] = "sedes"
-    with pytest.raises(ConfigError, match=r"profile: 'sedes' is not defined"):
+def test_every_profile_is_validated_as_it_would_be_written(tmp_path, raw):
+    for preset in raw["profiles"].values():
+        preset["policy.bsae"] = "gpt2"
+    with pytest.raises(ConfigError, match=r"profile 'default' is invalid\n  policy\.bsae: unknown"):
         load_params(write(tmp_path, raw))
+
+
+def test_profiles_must_name_the_same_keys(tmp_path, raw):
+    del raw["profiles"]["default"]["reward.model"]
+    with pytest.raises(
+        ConfigError, match=r"profiles: .*same keys, .*\(default misses reward\.model\)"
+    ):
+        load_params(write(tmp_path, raw))
+
+
+def test_the_old_profile_switch_says_what_replaced_it(tmp_path, raw):
+    raw["profile"] = "seeds"
+    with pytest.raises(ConfigError, match=r"profile: no longer a switch: `upbeat profile NAME`"):
+        load_params(write(tmp_path, raw))
+
+
+def test_unknown_profile_is_refused(raw):
+    with pytest.raises(ConfigError, match=r"profile 'sedes' is not defined .*default, seeds"):
+        profile_values(raw, "sedes")
+
+
+def test_applied_profiles_compares_every_value(raw):
+    assert applied_profiles(raw) == ["default"]
+    raw["policy"]["base"] = "gpt2"
+    assert applied_profiles(raw) == []
 
 
 def test_overrides_as_strings_and_dict():
@@ -86,12 +113,6 @@ def test_overrides_as_strings_and_dict():
     assert p.clean.min_words == 5
     assert p.validate.allowed_targets == [0, 4]
     assert load_params(PARAMS, overrides={"clean.seed": 7}).clean.seed == 7
-
-
-def test_override_beats_profile(tmp_path, raw):
-    raw["profile"] = "seeds"
-    p = load_params(write(tmp_path, raw), overrides=["ingest.source=packaged"])
-    assert p.ingest.source == "packaged"
 
 
 def test_override_errors():
@@ -138,7 +159,7 @@ def test_a_stage_on_a_typo_prints_one_error_line(tmp_path, raw):
 def test_set_dotted_takes_a_key_or_a_path():
     data = {"ppo": {"steps": 3}, "profiles": None}
     set_dotted(data, "ppo.steps", 5)
-    set_dotted(data, ["profiles", "seeds", "ppo.steps"], 7)  # a profile's key stays one key
+    set_dotted(data, key_path("profiles.seeds.ppo.steps"), 7)  # a profile's key stays one key
     assert data == {"ppo": {"steps": 5}, "profiles": {"seeds": {"ppo.steps": 7}}}
     with pytest.raises(ConfigError, match=r"^ppo\.steps is not a block, cannot set ppo\.steps\.x$"):
         set_dotted(data, ["ppo", "steps", "x"], 1)

@@ -99,22 +99,23 @@ def test_project_stage_order_is_the_pipeline():
 
 
 @pytest.mark.parametrize(
-    ("returncode", "output", "retried"),
+    ("failed", "retried"),
     [
-        (1, "error: data/raw/tweets.parquet: 12 rows have target 7", {1: False}),
-        (255, "ERROR: Unable to acquire lock. Most likely another DVC process", {2: True}),
-        (1, "sqlite3.OperationalError: database is locked", {1: True, 2: True}),
+        (rf.StageFailed("clean", 1, "error: data/raw/tweets.parquet: 12 rows have target 7"),
+         {1: False}),
+        (rf.StageFailed("clean", 255, "ERROR: Unable to acquire lock", dvc_lock=True), {2: True}),
+        (rf.StageFailed("clean", 255, "sqlite3.OperationalError: database is locked"),
+         {1: True, 2: True}),
         # the stage's own process killed (the OOM killer): DVC exits 255; retried once
-        (255, "ERROR: failed to reproduce 'ppo': failed to run: python x.py, exited with -9",
+        (rf.StageFailed("clean", 255, "ERROR: failed to reproduce", cmd_exit=-9),
          {1: True, 2: False}),
     ],
 )  # fmt: skip
-def test_contention_retries_and_a_killed_stage_retries_once(returncode, output, retried):
-    exc = rf.StageFailed("clean", returncode, output)
-    assert str(exc).startswith("stage 'clean' failed: ") and output[-20:] in str(exc)
+def test_contention_retries_and_a_killed_stage_retries_once(failed, retried):
+    assert str(failed).startswith("stage 'clean' failed: ")
 
     class State:
-        data = exc
+        data = failed
 
     class TaskRun:
         run_count = 0
@@ -128,11 +129,56 @@ def test_a_failed_stage_names_its_own_error_line():
     output = (
         "Running stage 'clean':\n> python stages/clean.py\nerror: x.csv row 3: bad\nERROR: failed"
     )
-    exc = rf.StageFailed("clean", 255, output)
+    exc = rf.StageFailed("clean", 255, output, cmd_exit=1)
     assert exc.reason == "error: x.csv row 3: bad" and exc.killed_by is None
-    assert rf.StageFailed("ppo", 255, "... exited with -9").killed_by == 9  # bash exec'd it
-    assert rf.StageFailed("ppo", 255, "Killed\n... exited with 137").killed_by == 9  # dash waited
-    assert rf.StageFailed("ppo", 255, "... exited with 2").killed_by is None
+    assert rf.StageFailed("ppo", 255, "", cmd_exit=-9).killed_by == 9  # bash exec'd it
+    assert rf.StageFailed("ppo", 255, "Killed", cmd_exit=137).killed_by == 9  # dash waited
+    assert rf.StageFailed("ppo", 255, "", cmd_exit=2).killed_by is None
+    assert rf.StageFailed("ppo", -9, "").killed_by == 9  # DVC itself killed
+
+
+def test_repro_answers_how_a_stage_failed_by_exit_code_and_json(tmp_path):
+    repo = dvc_repo(
+        tmp_path,
+        """
+        stages:
+          ok: {cmd: echo ok > ok.txt, outs: [ok.txt]}
+          bad: {cmd: exit 3}
+          killed: {cmd: kill -9 $$}
+        """,
+    )
+    env = pipeline.stage_env(repo)
+
+    def ask(stage: str) -> tuple[int, dict]:
+        result = pipeline.result_file(repo)
+        cmd = pipeline.command("repro", stage, result=result)
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        return done.returncode, pipeline.read_result(result)
+
+    assert ask("ok") == (0, {"ran": True})
+    assert ask("ok") == (0, {"ran": False})
+    assert ask("bad") == (255, {"cmd_exit": 3, "lock": False})
+    code, answer = ask("killed")
+    assert code == 255 and rf.StageFailed("killed", code, "", answer["cmd_exit"]).killed_by == 9
+    assert not list((repo / ".dvc" / "tmp").glob("upbeat-*.json"))  # each answer read once
+
+
+def test_the_lock_is_reentrant_in_the_process_holding_it(tmp_path):
+    import threading
+
+    with rf.run_lock(tmp_path):
+        inner: list[str] = []
+        thread = threading.Thread(target=lambda: inner.append(_enter(tmp_path)))
+        thread.start()
+        thread.join(10)
+        assert inner == ["held"]  # the flow's thread, inside `upbeat run`'s hold
+        assert (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").is_file()
+    assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()
+
+
+def _enter(path: Path) -> str:
+    with rf.run_lock(path):
+        return "held"
 
 
 def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
@@ -165,6 +211,7 @@ def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
         rf.PushFailed("team", "s3://b/p", "ERROR: unreachable"),
         rf.StageFailed("clean", 1, "error: bad row"),
     ]
+    rf.quiet_refusals()  # what the flow and `run` do first; importing the module does nothing
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger, keep = logging.getLogger(name), Keep()
         handlers, propagate = logger.handlers, logger.propagate
@@ -178,3 +225,12 @@ def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
         finally:
             logger.handlers, logger.propagate = handlers, propagate
         assert [type(r.exc_info[1]) for r in keep.records if r.exc_info] == [RuntimeError], name
+
+
+def test_importing_the_flow_changes_nothing():
+    check = (
+        "import logging, flows.retrain; "
+        "assert not any(logging.getLogger(n).filters for n in "
+        "('prefect.flow_runs', 'prefect.task_runs'))"
+    )
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, timeout=120)

@@ -7,11 +7,11 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from waiting import wait_until
 
 from upbeat.stack import procs
 from upbeat.stack.config import client_env, export_lines, load_secrets, resolve
@@ -57,9 +57,7 @@ def _spawn_group(tmp_path: Path) -> procs.Record:
     pid, started = procs.launch(
         [sys.executable, "-c", script], env=dict(os.environ), log=tmp_path / "x.log", cwd=tmp_path
     )
-    deadline = time.monotonic() + 10
-    while not psutil.Process(pid).children() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until("the child", lambda: psutil.Process(pid).children(), 10, 0.05)
     return procs.Record("x", pid, started, "-", str(tmp_path / "x.log"))
 
 

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +17,7 @@ import psutil
 import pytest
 import tiny
 import yaml
+from waiting import wait_until
 
 from upbeat.config import load_params
 from upbeat.data.sources import save_canonical
@@ -116,11 +116,14 @@ def test_ppo_stage_on_two_processes_stops_on_sigterm_and_resumes(project: Path) 
     )  # fmt: skip
     launched = psutil.Process(first.pid)
     checkpoint = project / "checkpoints/ppo/step-000002/state.json"
-    deadline = time.monotonic() + TIMEOUT
-    while not checkpoint.is_file():
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint written in time"
-        time.sleep(0.05)
+    wait_until(
+        "checkpoint",
+        checkpoint.is_file,
+        TIMEOUT,
+        0.05,
+        alive=first,
+        output=lambda: first.stdout.read() if first.poll() is not None else "",
+    )
     started = launched.children(recursive=True)  # torchrun and its 2 processes
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=TIMEOUT)[0]

@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 import pytest
 from schedules import EVERY_MINUTE, SCHEDULE_WAIT, completed, error_lines, scheduled_runs
 from tiny_project import VENV_BIN, git
+from waiting import wait_until
 
 DVC_YAML = """\
 stages:
@@ -39,20 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        try:
-            if result := check():
-                return result
-        except Exception:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -102,8 +88,8 @@ def server(tmp_path):
                 return resp.status == 200
 
         try:
-            wait_for(healthy, 120, "prefect server", proc)
-        except (RuntimeError, TimeoutError) as exc:
+            wait_until("prefect server", healthy, 120, 1, alive=proc, ignoring=(OSError,))
+        except AssertionError as exc:
             tail = (tmp_path / "server.log").read_text()[-2000:]
             pytest.skip(f"prefect server did not start: {exc}\n{tail}")
         yield url, env
@@ -128,8 +114,13 @@ def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path)
     )
     try:
         with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-            deployment = wait_for(
-                lambda: client.read_deployment_by_name("retrain/test"), 90, "deployment", serving
+            deployment = wait_until(
+                "deployment",
+                lambda: client.read_deployment_by_name("retrain/test"),
+                90,
+                1,
+                alive=serving,
+                ignoring=(Exception,),  # ObjectNotFound until `serve` has registered it
             )
             assert [s.schedule.cron for s in deployment.schedules] == [EVERY_MINUTE]
             assert deployment.global_concurrency_limit.limit == 1

@@ -31,6 +31,7 @@ import psutil
 import pytest
 from lockholder import lock_held_elsewhere
 from tiny_project import make_project, stage_env
+from waiting import wait_until
 
 pytestmark = pytest.mark.story  # ordered steps: after a failed one, the rest are skipped
 STOP_BOUND = 30.0  # seconds a stopped run may take to exit (issue: "say 30 s")
@@ -98,12 +99,13 @@ class Run:
         return self.log.read_text()
 
     def wait_for(self, pattern: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.output):
-            code = self.proc.poll()
-            assert code is None, f"exited {code}:\n{self.output[-3000:]}"
-            assert time.monotonic() < deadline, f"no {pattern!r} in {timeout} s:\n{self.output}"
-            time.sleep(0.2)
+        wait_until(
+            repr(pattern),
+            lambda: re.search(pattern, self.output),
+            timeout,
+            alive=self.proc,
+            output=lambda: self.output,
+        )
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
@@ -234,13 +236,12 @@ def test_sigterm_to_upbeat_ui_leaves_no_server(project, env):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI did not start"
+
+    def listening() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until("MLflow UI", listening, 120, alive=ui)
     servers = psutil.Process(ui.pid).children(recursive=True)
     ui.send_signal(signal.SIGTERM)  # the command alone, not its group: its children are its job
     assert ui.wait(STOP_BOUND) != 0

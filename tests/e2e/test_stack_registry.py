@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 import stack_fixture
 import yaml
 from stack_fixture import Stack, free_port, request, s3_keys
+from waiting import wait_until
 
 from upbeat import model_card
 from upbeat.cli import apply_overrides
@@ -244,11 +244,14 @@ def test_mlflow_models_serve_answers_invocations_from_the_champion(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_WAIT
-        while not answers(f"{url}/ping"):
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
-            time.sleep(1)
+        wait_until(
+            "answer to /ping from mlflow models serve",
+            lambda: answers(f"{url}/ping"),
+            SERVE_WAIT,
+            1,
+            alive=proc,
+            output=(tmp_path / "serve.log").read_text,
+        )
         body = {
             "dataframe_records": [{"prompt": "i love"}, {"prompt": "so sad"}],
             "params": {"max_new_tokens": 4, "seed": 1},
@@ -268,9 +271,8 @@ def test_mlflow_models_serve_answers_invocations_from_the_champion(
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
-        deadline = time.monotonic() + 30
-        while not group_gone(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        with contextlib.suppress(AssertionError):
+            wait_until("end of the served group", lambda: group_gone(proc.pid), 30, 0.5)
         left = not group_gone(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ import stack_fixture
 from schedules import EVERY_MINUTE, SCHEDULE_WAIT, completed, error_lines, scheduled_runs
 from stack_fixture import Stack, s3_keys
 from tiny_project import git, make_project
+from waiting import wait_until
 
 from upbeat.cli import apply_overrides
 from upbeat.stack import WORK_POOL, s3
@@ -109,14 +110,6 @@ def logs_of(st: Stack, run_id: str) -> str:
         while page := client.read_logs(found, limit=200, offset=len(lines)):  # the API's page
             lines += [log.message for log in page]
     return "\n".join(lines)
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 2) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(every)
-    return found
 
 
 def wait_final(st: Stack, run_id: str, timeout: float = RUN_WAIT) -> Any:

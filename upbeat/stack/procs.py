@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pwd
 import signal
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from upbeat.procgroup import stop_group
 from upbeat.stack.config import HOST, StackError
 
 # Popen objects of servers this process started, kept so they are reaped, not left as zombies.
@@ -110,56 +110,14 @@ def launch(
         return proc.pid, time.time()  # died at once: wait_ready reports it with the log
 
 
-def _members(rec: Record) -> list[psutil.Process]:
-    """The leader, its descendants and anything else left in its process group."""
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.Error):
-        leader = psutil.Process(rec.pid)
-        found[leader.pid] = leader
-        for child in leader.children(recursive=True):
-            found[child.pid] = child
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == rec.pid:
-                found[proc.pid] = proc
-    return list(found.values())
-
-
 def stop(rec: Record, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
-    """Signal the leader (and its group), wait up to `timeout`, then SIGKILL whatever is left."""
+    """Signal the leader's group (postgres: SIGINT to its postmaster alone, a fast shutdown that
+    stops its own children), wait up to `timeout`, then SIGKILL whatever is left."""
     if not alive(rec):
         return
-    procs = _members(rec)
-    # postgres takes SIGINT on its postmaster alone (fast shutdown: it stops its own children)
-    for proc in procs if sig != signal.SIGINT else procs[:1]:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-    left = _wait_gone(procs, timeout)
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    _wait_gone(left, 5)
-
-
-def _running(proc: psutil.Process) -> bool:
-    if (child := _CHILDREN.get(proc.pid)) is not None and child.poll() is not None:
-        del _CHILDREN[proc.pid]  # our own child, now reaped
-        return False
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Those of `procs` still running after `timeout` (polled: psutil's own wait on processes
-    that are not our children backs off to long sleeps)."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in procs if _running(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if _running(p)]
-    return left
+    stop_group(rec.pid, [(sig, timeout)], leader_only=sig == signal.SIGINT)
+    if (child := _CHILDREN.pop(rec.pid, None)) is not None:
+        child.poll()  # our own child: reaped, not left a zombie
 
 
 def port_taken(port: int) -> str | None:

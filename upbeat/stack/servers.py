@@ -7,12 +7,12 @@ command line, which `ps` and the pid files show.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from upbeat.stack import postgres
@@ -36,26 +36,15 @@ def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
 
 
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def http_json(
-    url: str, auth: str | None = None, body: dict[str, Any] | None = None, timeout: float = 5
-) -> tuple[int, Any]:
-    """(status, parsed JSON body or None) of a GET, or of a POST when `body` is given."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    req.add_header("Content-Type", "application/json")
-    if auth:
-        req.add_header("Authorization", auth)
+def http_status(url: str, timeout: float = 2) -> int | None:
+    """The HTTP status of a GET of `url` (a health probe), None when nothing answers."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            is_json = resp.headers.get_content_type() == "application/json"
-            return resp.status, json.loads(raw) if raw and is_json else None
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
     except urllib.error.HTTPError as exc:
-        return exc.code, None
+        return exc.code
+    except OSError:
+        return None
 
 
 # --- MLflow --------------------------------------------------------------------------------------
@@ -112,7 +101,7 @@ def mlflow_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
 
 
 def mlflow_ready(cfg: StackConfig) -> bool:
-    return http_json(f"{cfg.mlflow_url}/health", timeout=2)[0] == 200
+    return http_status(f"{cfg.mlflow_url}/health") == 200
 
 
 # --- Prefect -------------------------------------------------------------------------------------
@@ -144,17 +133,32 @@ def prefect_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
 
 
 def prefect_ready(cfg: StackConfig) -> bool:
-    return http_json(f"{cfg.prefect_api}/health", timeout=2)[0] == 200
+    return http_status(f"{cfg.prefect_api}/health") == 200
+
+
+@contextmanager
+def prefect_client(cfg: StackConfig, sec: Secrets) -> Iterator[Any]:
+    """Prefect's own (sync) client, pointed at this stack's server with its credentials."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    settings = {PREFECT_API_URL: cfg.prefect_api, PREFECT_API_AUTH_STRING: sec.prefect_auth}
+    with temporary_settings(updates=settings), get_client(sync_client=True) as client:
+        yield client
 
 
 def ensure_pool(cfg: StackConfig, sec: Secrets) -> None:
-    """Create the process work pool unless it exists (409 says it does)."""
-    auth = _basic(sec.prefect_username, sec.prefect_password)
-    code, _ = http_json(
-        f"{cfg.prefect_api}/work_pools/", auth, {"name": WORK_POOL, "type": "process"}
-    )
-    if code not in (200, 201, 409):
-        raise StackError(f"Prefect refused to create work pool {WORK_POOL!r} (HTTP {code})")
+    """Create the process work pool unless it exists."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with prefect_client(cfg, sec) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"))
+        except ObjectAlreadyExists:
+            pass
+        except Exception as exc:  # the server's refusal, whatever its HTTP status
+            raise StackError(f"Prefect refused to create work pool {WORK_POOL!r}: {exc}") from None
 
 
 def worker_command() -> list[str]:
@@ -173,10 +177,10 @@ def worker_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
     }
 
 
-def online_workers(cfg: StackConfig, sec: Secrets) -> list[dict[str, Any]]:
+def online_workers(cfg: StackConfig, sec: Secrets) -> list[Any]:
     """Workers of the pool that Prefect counts as online (they heartbeat while polling)."""
-    auth = _basic(sec.prefect_username, sec.prefect_password)
-    code, found = http_json(f"{cfg.prefect_api}/work_pools/{WORK_POOL}/workers/filter", auth, {})
-    if code != 200 or not found:
-        return []
-    return [w for w in found if w.get("status") == "ONLINE"]
+    from prefect.client.schemas.objects import WorkerStatus
+
+    with prefect_client(cfg, sec) as client:
+        found = client.read_workers_for_work_pool(WORK_POOL)
+    return [w for w in found if w.status == WorkerStatus.ONLINE]
