@@ -1,0 +1,7 @@
+"""Human feedback: a rating page for pairs of the champion's continuations, and its votes.
+
+- `store`: the SQL database of raters, pairs, what each rater was shown, and votes;
+- `app`: the rating page (Starlette, server-rendered, `upbeat feedback serve`);
+- `pairs`: pairs generated in batch from the champion, and which of them to show;
+- `snapshot`: the votes as TRL preference pairs (`prompt` / `chosen` / `rejected`) for DVC.
+"""
