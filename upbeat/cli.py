@@ -544,5 +544,58 @@ def stack_status(
         print("\n".join(lines))
 
 
+# --- human feedback: the rating page ---------------------------------------------------------
+
+feedback_app = typer.Typer(
+    help="Human feedback: a rating page for pairs of the champion's continuations "
+    "(docs/feedback.md). Without a command: serve the page.",
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+def _feedback_store() -> Any:
+    from upbeat.feedback.store import Store, database_url
+
+    with user_errors():
+        return Store(database_url(project()))
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback_default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        feedback_serve()
+
+
+@feedback_app.command("serve")
+def feedback_serve(
+    host: Annotated[
+        str, typer.Option(help="Address to bind (loopback unless told).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    votes_per_minute: Annotated[float, typer.Option(help="Rate limit per rater.", min=1)] = 60,
+    burst: Annotated[int, typer.Option(help="Votes a rater may send at once.", min=1)] = 10,
+) -> None:
+    """Serve the rating page (Ctrl-C stops); votes go to $UPBEAT_FEEDBACK_DB or the project's
+    feedback/feedback.db."""
+    from upbeat.feedback.app import serve as serve_page
+
+    store = _feedback_store()
+    console.print(f"rating page on http://{host}:{port} (votes: {store.where}; Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_page(store, host, port, votes_per_minute=votes_per_minute, burst=burst)
+
+
+@feedback_app.command("add-rater")
+def feedback_add_rater(
+    name: Annotated[str, typer.Argument(help="The rater's name (unique).")],
+) -> None:
+    """Create a rater and print their login token (shown once; only its hash is stored)."""
+    store = _feedback_store()
+    with user_errors():
+        token = store.add_rater(name)
+    err.print(f"rater {name!r} added to {store.where}; their token (shown once):", highlight=False)
+    print(token)
+
+
 if __name__ == "__main__":
     app()
