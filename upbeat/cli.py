@@ -560,6 +560,16 @@ def _feedback_store() -> Any:
         return Store(database_url(project()))
 
 
+def _dvc_vars(root: Path) -> dict[str, Any]:
+    import yaml
+
+    found: dict[str, Any] = {}
+    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
+        if isinstance(entry, dict):
+            found.update(entry)
+    return found
+
+
 @feedback_app.callback(invoke_without_command=True)
 def feedback_default(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
@@ -595,6 +605,56 @@ def feedback_add_rater(
         token = store.add_rater(name)
     err.print(f"rater {name!r} added to {store.where}; their token (shown once):", highlight=False)
     print(token)
+
+
+@feedback_app.command("generate")
+def feedback_generate(
+    pairs: Annotated[int, typer.Option("--pairs", "-n", help="Pairs to add.", min=1)] = 64,
+    candidates: Annotated[
+        int, typer.Option(help="Candidates sampled per pair added (the rest not shown).", min=1)
+    ] = 4,
+    strategy: Annotated[
+        str, typer.Option(help="gap (reward least sure) | disagree (reward vs judge) | random")
+    ] = "gap",
+    seed: int = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="models:/... or a policy directory [default: the champion]"),
+    ] = None,
+    challenger: Annotated[
+        bool, typer.Option(help="Champion vs challenger when one exists (else two samples).")
+    ] = True,
+) -> None:
+    """Sample pairs from the champion in batch and store the most informative for rating."""
+    root = project()
+    from upbeat.config import load_params
+    from upbeat.feedback.pairs import STRATEGIES, generate
+
+    if strategy not in STRATEGIES:
+        raise fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    store = _feedback_store()
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        paths = _dvc_vars(root)  # the pipeline's paths, as dvc.yaml states them
+        with console.status("sampling and scoring candidate pairs"):
+            rows = generate(
+                params,
+                str(root / paths["eval"]),
+                str(root / paths["reward_spec"]),
+                n_pairs=pairs,
+                candidates=candidates,
+                strategy=strategy,  # type: ignore[arg-type]
+                seed=seed,
+                model=model,
+                challenger=challenger,
+            )
+        ids = store.add_pairs(rows)
+    models = sorted({r["model_a"] for r in rows} | {r["model_b"] for r in rows})
+    console.print(
+        f"added {len(ids)} pairs ({strategy}) from {', '.join(models) or '-'} to {store.where}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":
