@@ -13,10 +13,12 @@ on disk before the page answers, so a server killed at any moment loses none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ from upbeat.errors import UpbeatError
 
 DB_ENV = "UPBEAT_FEEDBACK_DB"
 DEFAULT_FILE = Path("feedback") / "feedback.db"
+WRITE = "upbeat_write"  # execution option of the store's writing transactions
 CHOICES = ("a", "b", "tie", "both_bad", "skip")
 """A is better, B is better, tie, both bad, skip."""
 
@@ -69,6 +72,7 @@ shown = sa.Table(
     sa.Column("rater_id", sa.Integer, sa.ForeignKey("raters.id"), primary_key=True),
     sa.Column("pair_id", sa.Integer, sa.ForeignKey("pairs.id"), primary_key=True),
     sa.Column("shown_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("shown_by_pair", "pair_id"),  # how many raters saw a pair, when picking the next
 )
 
 votes = sa.Table(
@@ -142,7 +146,10 @@ def _sqlite_engine(url: str) -> sa.Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock first: no upgrade deadlock
+        # A writing transaction takes the write lock first (no read-then-write upgrade deadlock);
+        # a reading one stays deferred, so reads never queue behind votes.
+        write = conn.get_execution_options().get(WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
 
@@ -156,6 +163,10 @@ class Store:
             self.engine = _sqlite_engine(url)
         else:
             self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self.writer = self.engine.execution_options(**{WRITE: True})
+        # sqlite has one writer at a time; queueing this process's writers on a lock is fair and
+        # prompt, where sqlite's busy handler polls with growing sleeps (seconds under load)
+        self._write_lock = threading.Lock() if url.startswith("sqlite") else None
         try:
             metadata.create_all(self.engine)
         except sa.exc.OperationalError as exc:
@@ -163,6 +174,12 @@ class Store:
                 f"cannot open the feedback database {self.where}: {str(exc.orig).strip()} "
                 f"(set {DB_ENV} to a SQLAlchemy URL, or unset it for the project's sqlite file)"
             ) from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A writing transaction (committed at the end, rolled back on an exception)."""
+        with self._write_lock or contextlib.nullcontext(), self.writer.begin() as conn:
+            yield conn
 
     @property
     def where(self) -> str:
@@ -181,7 +198,7 @@ class Store:
             raise UpbeatError("a rater's name must be 1-100 characters")
         token = secrets.token_urlsafe(24)
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 conn.execute(
                     raters.insert().values(
                         name=name, token_sha256=hash_token(token), created_at=now()
@@ -207,7 +224,7 @@ class Store:
         """Insert pairs (the `pairs` columns but id/created_at) in one transaction; their ids."""
         ids = []
         stamp = now()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             for row in rows:
                 done = conn.execute(pairs.insert().values(**row, created_at=stamp))
                 ids.append(int(done.inserted_primary_key[0]))
@@ -221,7 +238,7 @@ class Store:
         seen = sa.select(shown.c.pair_id).where(shown.c.rater_id == rater_id)
         columns = (pairs.c.id, pairs.c.prompt, pairs.c.text_a, pairs.c.text_b)
         for _ in range(3):  # a concurrent request of the same rater may show the same pair first
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 row = conn.execute(
                     sa.select(*columns)
                     .join(shown, shown.c.pair_id == pairs.c.id)
@@ -262,7 +279,7 @@ class Store:
         if choice not in CHOICES:
             raise VoteRefused(400, f"unknown answer {choice!r}: one of {', '.join(CHOICES)}")
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 if conn.execute(sa.select(pairs.c.id).where(pairs.c.id == pair_id)).first() is None:
                     raise VoteRefused(404, f"there is no pair {pair_id}")
                 was_shown = conn.execute(
