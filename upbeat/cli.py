@@ -657,5 +657,30 @@ def feedback_generate(
     )
 
 
+@feedback_app.command("simulate")
+def feedback_simulate(
+    token: Annotated[str, typer.Option(help="The simulated rater's token (add-rater).")],
+    url: Annotated[str, typer.Option(help="The rating page.")] = "http://127.0.0.1:8765",
+    gold: Annotated[
+        str,
+        typer.Option(help="The stand-in person: lexicon | vader | hf:<model> (not the reward)."),
+    ] = "lexicon",
+    votes: Annotated[int, typer.Option(help="Pairs to answer at most.", min=1)] = 100,
+    margin: Annotated[float, typer.Option(help="Score difference below which it says tie.")] = 0.05,
+) -> None:
+    """A simulated rater: a scorer the policy never trained against votes through the page."""
+    root = project()
+    from upbeat.feedback.simulate import rate
+    from upbeat.judge import load_judge
+    from upbeat.rewards import load_spec
+
+    with user_errors():
+        spec = load_spec(root / _dvc_vars(root)["reward_spec"])
+        with console.status(f"loading {gold}"):
+            scorer = load_judge(gold, spec)  # refuses the reward's own scorer
+        given = rate(url, token, scorer, votes=votes, margin=margin)
+    console.print(f"answered {sum(given.values())} pairs: {dict(given)}", highlight=False)
+
+
 if __name__ == "__main__":
     app()
