@@ -157,3 +157,14 @@ def test_sqlite_runs_in_wal_with_full_sync(tmp_path):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     s.close()
     assert sa.inspect(sa.create_engine(f"sqlite:///{tmp_path / 'f.db'}")).get_table_names()
+
+
+def test_the_stack_exports_its_feedback_database(tmp_path):
+    from upbeat.stack import postgres
+    from upbeat.stack.config import client_env, load_secrets, resolve
+
+    cfg = resolve(tmp_path, tmp_path / "stack")
+    cfg.root.mkdir()
+    env = client_env(cfg, load_secrets(cfg, create=True))
+    assert "feedback" in postgres.DATABASES
+    assert env[DB_ENV] == f"postgresql+psycopg2://postgres@/feedback?host={cfg.pgdata}"
