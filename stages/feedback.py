@@ -1,8 +1,7 @@
-"""DVC stage `feedback`: snapshot the rating page's votes into preference pairs (TRL layout).
+"""DVC stage `feedback`: the exported votes as preference pairs (TRL's prompt/chosen/rejected).
 
-`always_changed` in dvc.yaml: it runs on every repro (one query) and rewrites the same bytes
-unless votes changed, so what depends on the snapshot re-runs only after new votes. No MLflow
-run of its own: it would log one per repro; the stage that trains on the pairs logs their counts.
+Reads the export `upbeat feedback export` wrote (never the database), so the pairs in
+`dvc.lock` are rebuilt from the same file anywhere.
 """
 
 from __future__ import annotations
@@ -10,28 +9,26 @@ from __future__ import annotations
 import argparse
 
 from upbeat.errors import exit_on_user_error
-from upbeat.feedback.snapshot import preference_pairs, write_pairs
-from upbeat.feedback.store import Store, database_url
-from upbeat.tracking import project_root, write_json
+from upbeat.feedback.snapshot import preference_pairs, read_votes, write_table
+from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--votes", required=True, help="the votes export (parquet)")
     parser.add_argument("--out", required=True, help="parquet of prompt/chosen/rejected pairs")
     parser.add_argument("--metrics", required=True, help="JSON with the vote counts")
     args = parser.parse_args()
 
-    store = Store(database_url(project_root()))
-    try:
-        table, metrics = preference_pairs(store.export())
-    finally:
-        store.close()
-    write_pairs(table, args.out)
-    write_json(args.metrics, metrics)
+    with stage_run("feedback"):
+        table, metrics = preference_pairs(read_votes(args.votes))
+        write_table(table, args.out)
+        write_json(args.metrics, metrics)
+        log_metrics(metrics)
     print(
         f"feedback: {metrics['feedback/pairs']} preference pairs from {metrics['feedback/votes']} "
-        f"votes of {metrics['feedback/raters']} raters ({store.where})"
+        f"votes of {metrics['feedback/raters']} raters"
     )
 
 

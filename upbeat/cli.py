@@ -682,5 +682,19 @@ def feedback_simulate(
     console.print(f"answered {sum(given.values())} pairs: {dict(given)}", highlight=False)
 
 
+@feedback_app.command("export")
+def feedback_export() -> None:
+    """Write the votes to the file the `feedback` stage depends on (unchanged bytes when no vote
+    is new, so DVC re-runs nothing); the flow runs this before it plans."""
+    root = project()
+    from upbeat.feedback.store import export_votes
+
+    with user_errors():
+        out = root / _dvc_vars(root)["feedback_votes"]
+        changed, n = export_votes(root, out)
+    what = "updated" if changed else "unchanged"
+    console.print(f"{out.relative_to(root)}: {n} votes ({what})", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from upbeat.feedback.snapshot import SCHEMA, preference_pairs, read_pairs, write_pairs
+import pytest
+
+from upbeat.errors import DataError
+from upbeat.feedback.snapshot import (
+    SCHEMA,
+    preference_pairs,
+    read_pairs,
+    read_votes,
+    votes_table,
+    write_table,
+)
 
 
 def vote(vote_id: int, pair_id: int, choice: str, rater: str = "ann") -> dict:
@@ -56,13 +66,35 @@ def test_agreement_between_raters_on_the_same_pair():
     assert metrics["feedback/raters"] == 2
 
 
-def test_same_votes_same_bytes(tmp_path):
+def test_same_votes_same_bytes_and_the_file_untouched(tmp_path):
     table, _ = preference_pairs([vote(1, 1, "a"), vote(2, 2, "b")])
-    write_pairs(table, tmp_path / "one.parquet")
+    assert write_table(table, tmp_path / "one.parquet") is True
     again, _ = preference_pairs([vote(2, 2, "b"), vote(1, 1, "a")])
-    write_pairs(again, tmp_path / "two.parquet")
+    write_table(again, tmp_path / "two.parquet")
     assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "two.parquet").read_bytes()
+    before = (tmp_path / "one.parquet").stat().st_mtime_ns
+    assert write_table(again, tmp_path / "one.parquet") is False
+    assert (tmp_path / "one.parquet").stat().st_mtime_ns == before
     assert read_pairs(tmp_path / "one.parquet").to_pylist() == table.to_pylist()
     empty, metrics = preference_pairs([])
-    write_pairs(empty, tmp_path / "empty.parquet")
+    write_table(empty, tmp_path / "empty.parquet")
     assert read_pairs(tmp_path / "empty.parquet").num_rows == 0 and metrics["feedback/pairs"] == 0
+
+
+def test_the_votes_export_round_trips_into_the_same_pairs(tmp_path):
+    votes = [vote(2, 2, "tie"), vote(1, 1, "b"), vote(3, 1, "a", "bob")]
+    write_table(votes_table(votes), tmp_path / "votes.parquet")
+    rows = read_votes(tmp_path / "votes.parquet")
+    assert [r["vote_id"] for r in rows] == [1, 2, 3] and rows[0][
+        "voted_at"
+    ] == "2026-12-03T14:00:01"
+    assert preference_pairs(rows) == preference_pairs(votes)
+
+
+def test_a_missing_or_foreign_export_names_itself(tmp_path):
+    with pytest.raises(DataError, match="no votes export"):
+        read_votes(tmp_path / "votes.parquet")
+    table, _ = preference_pairs([vote(1, 1, "a")])
+    write_table(table, tmp_path / "pairs.parquet")
+    with pytest.raises(DataError, match=r"not a votes export .*choice"):
+        read_votes(tmp_path / "pairs.parquet")

@@ -1,10 +1,13 @@
-"""The votes as preference pairs: TRL's `prompt` / `chosen` / `rejected`, plus who and which.
+"""Votes as files DVC can hash: the raw export, and the preference pairs made from it.
 
-The feedback stage writes them to a parquet file that DVC tracks, so a run trains on exactly the
-votes recorded in `dvc.lock`. Votes live in a SQL database whose changes DVC cannot hash, so the
-stage is `always_changed` (one query per `dvc repro`) and the file is byte-identical unless the
-votes changed: rows in vote-id order, no export time, fixed parquet settings. DVC then re-runs
-the stages that depend on the file only after new votes.
+Votes live in a SQL database, which DVC cannot hash. So they reach the pipeline in two steps:
+1. `export_votes` (`upbeat feedback export`, run by the flow before it plans) writes every vote
+   with its pair to `feedback/votes.parquet`, a file kept in git like a data drop. The bytes are
+   the same unless the votes changed (rows in vote-id order, no export time, fixed parquet
+   settings), so DVC sees a change exactly when there are new votes;
+2. the `feedback` stage turns that export into TRL's `prompt` / `chosen` / `rejected` layout
+   (plus rater and ids) in `data/feedback/pairs.parquet`, recorded in `dvc.lock`. It never reads
+   the database, so `dvc repro` on another machine rebuilds from the same export.
 
 Only "A is better" and "B is better" become pairs; ties, both-bad and skips are counted in the
 metrics. A pair answered by two raters appears once per rater (the reward model may weigh
@@ -20,6 +23,23 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+VOTES_SCHEMA = pa.schema(
+    [
+        ("vote_id", pa.int64()),
+        ("pair_id", pa.int64()),
+        ("rater", pa.string()),
+        ("choice", pa.string()),
+        ("voted_at", pa.string()),
+        ("prompt", pa.string()),
+        ("text_a", pa.string()),
+        ("text_b", pa.string()),
+        ("model_a", pa.string()),
+        ("model_b", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+"""The raw export: one row per vote (every answer), with its pair."""
 
 SCHEMA = pa.schema(
     [
@@ -85,19 +105,49 @@ def preference_pairs(votes: Sequence[Mapping[str, Any]]) -> tuple[pa.Table, dict
     return table, metrics
 
 
+def votes_table(votes: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """`Store.export` rows as the raw export table, in vote-id order."""
+    rows = sorted(votes, key=lambda v: v["vote_id"])
+    columns = {name: [v[name] for v in rows] for name in VOTES_SCHEMA.names}
+    columns["voted_at"] = [_iso(t) for t in columns["voted_at"]]
+    return pa.table(columns, schema=VOTES_SCHEMA)
+
+
+def read_votes(path: str | Path) -> list[dict[str, Any]]:
+    """The raw export as rows; a file that is not one names itself."""
+    from upbeat.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no votes export (`upbeat feedback export` writes it)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    missing = set(VOTES_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise DataError(f"{path}: not a votes export (no column {', '.join(sorted(missing))})")
+    return table.select(VOTES_SCHEMA.names).to_pylist()
+
+
 def _iso(value: Any) -> str:
     """A vote time as UTC ISO text (sqlite hands back naive datetimes of the UTC time stored)."""
     text = value.isoformat() if hasattr(value, "isoformat") else str(value)
     return text.removesuffix("+00:00")
 
 
-def write_pairs(table: pa.Table, path: str | Path) -> None:
-    """Write the table byte-for-byte reproducibly (same rows, same bytes), atomically."""
+def write_table(table: pa.Table, path: str | Path) -> bool:
+    """Write the table byte-for-byte reproducibly (same rows, same bytes), atomically; False (and
+    the file untouched) when it holds these bytes already."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=True)
+    if path.is_file() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+        return False
     tmp.replace(path)
+    return True
 
 
 def read_pairs(path: str | Path) -> pa.Table:

@@ -122,6 +122,23 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def export_votes(root: Path, out: Path) -> tuple[bool, int]:
+    """Write every vote of the project's database to `out` (the file the `feedback` stage
+    depends on); (whether the file changed, how many votes). Before the first vote, with no
+    database anywhere, an empty export."""
+    from upbeat.feedback.snapshot import votes_table, write_table
+
+    url = database_url(root)
+    if not os.environ.get(DB_ENV) and not (root / DEFAULT_FILE).is_file():
+        return write_table(votes_table([]), out), 0
+    store = Store(url)
+    try:
+        rows = store.export()
+    finally:
+        store.close()
+    return write_table(votes_table(rows), out), len(rows)
+
+
 def database_url(root: Path) -> str:
     """`UPBEAT_FEEDBACK_DB` if set (team mode), else the project's sqlite file."""
     if url := os.environ.get(DB_ENV):
@@ -308,7 +325,7 @@ class Store:
             )
 
     def export(self) -> list[dict[str, Any]]:
-        """Every vote with its pair and rater, in vote-id order (the snapshot's input)."""
+        """Every vote with its pair and rater, in vote-id order (`snapshot.votes_table`)."""
         query = (
             sa.select(
                 votes.c.id.label("vote_id"),
