@@ -168,3 +168,23 @@ def test_the_stack_exports_its_feedback_database(tmp_path):
     env = client_env(cfg, load_secrets(cfg, create=True))
     assert "feedback" in postgres.DATABASES
     assert env[DB_ENV] == f"postgresql+psycopg2://postgres@/feedback?host={cfg.pgdata}"
+
+
+def test_export_votes_is_empty_without_a_database_and_rewrites_only_on_new_votes(
+    tmp_path, monkeypatch
+):
+    from upbeat.feedback.snapshot import read_votes
+    from upbeat.feedback.store import DEFAULT_FILE, export_votes
+
+    monkeypatch.delenv(DB_ENV, raising=False)
+    out = tmp_path / "votes.parquet"
+    assert export_votes(tmp_path, out) == (True, 0)
+    assert not (tmp_path / DEFAULT_FILE).exists()  # exporting creates no database
+    store = Store(f"sqlite:///{tmp_path / DEFAULT_FILE}")
+    rater = store.rater(store.add_rater("ann"))
+    store.add_pairs([pair_row(1)])
+    store.vote(rater.id, store.next_pair(rater.id).id, "b")
+    assert export_votes(tmp_path, out) == (True, 1)
+    assert export_votes(tmp_path, out) == (False, 1)
+    assert [(v["rater"], v["choice"], v["text_b"]) for v in read_votes(out)] == [("ann", "b", "b1")]
+    store.close()
