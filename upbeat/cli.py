@@ -581,5 +581,157 @@ def stack_status(
         print("\n".join(lines))
 
 
+# --- human feedback: the rating page ---------------------------------------------------------
+
+feedback_app = typer.Typer(
+    help="Human feedback: a rating page for pairs of the champion's continuations "
+    "(docs/feedback.md). Without a command: serve the page.",
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+def _feedback_store() -> Any:
+    from upbeat.feedback.store import Store, database_url
+
+    with user_errors():
+        return Store(database_url(project()))
+
+
+def _dvc_vars(root: Path) -> dict[str, Any]:
+    import yaml
+
+    found: dict[str, Any] = {}
+    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
+        if isinstance(entry, dict):
+            found.update(entry)
+    return found
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback_default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        feedback_serve()
+
+
+@feedback_app.command("serve")
+def feedback_serve(
+    host: Annotated[
+        str, typer.Option(help="Address to bind (loopback unless told).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    votes_per_minute: Annotated[float, typer.Option(help="Rate limit per rater.", min=1)] = 60,
+    burst: Annotated[int, typer.Option(help="Votes a rater may send at once.", min=1)] = 10,
+) -> None:
+    """Serve the rating page (Ctrl-C stops); votes go to $UPBEAT_FEEDBACK_DB or the project's
+    feedback/feedback.db."""
+    from upbeat.feedback.app import serve as serve_page
+
+    store = _feedback_store()
+    console.print(f"rating page on http://{host}:{port} (votes: {store.where}; Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_page(store, host, port, votes_per_minute=votes_per_minute, burst=burst)
+
+
+@feedback_app.command("add-rater")
+def feedback_add_rater(
+    name: Annotated[str, typer.Argument(help="The rater's name (unique).")],
+) -> None:
+    """Create a rater and print their login token (shown once; only its hash is stored)."""
+    store = _feedback_store()
+    with user_errors():
+        token = store.add_rater(name)
+    err.print(f"rater {name!r} added to {store.where}; their token (shown once):", highlight=False)
+    print(token)
+
+
+@feedback_app.command("generate")
+def feedback_generate(
+    pairs: Annotated[int, typer.Option("--pairs", "-n", help="Pairs to add.", min=1)] = 64,
+    candidates: Annotated[
+        int, typer.Option(help="Candidates sampled per pair added (the rest not shown).", min=1)
+    ] = 4,
+    strategy: Annotated[
+        str, typer.Option(help="gap (reward least sure) | disagree (reward vs judge) | random")
+    ] = "gap",
+    seed: int = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="models:/... or a policy directory [default: the champion]"),
+    ] = None,
+    challenger: Annotated[
+        bool, typer.Option(help="Champion vs challenger when one exists (else two samples).")
+    ] = True,
+) -> None:
+    """Sample pairs from the champion in batch and store the most informative for rating."""
+    root = project()
+    from upbeat.config import load_params
+    from upbeat.feedback.pairs import STRATEGIES, generate
+
+    if strategy not in STRATEGIES:
+        raise fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    store = _feedback_store()
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        paths = _dvc_vars(root)  # the pipeline's paths, as dvc.yaml states them
+        with console.status("sampling and scoring candidate pairs"):
+            rows = generate(
+                params,
+                str(root / paths["eval"]),
+                str(root / paths["reward_spec"]),
+                n_pairs=pairs,
+                candidates=candidates,
+                strategy=strategy,  # type: ignore[arg-type]
+                seed=seed,
+                model=model,
+                challenger=challenger,
+            )
+        ids = store.add_pairs(rows)
+    models = sorted({r["model_a"] for r in rows} | {r["model_b"] for r in rows})
+    console.print(
+        f"added {len(ids)} pairs ({strategy}) from {', '.join(models) or '-'} to {store.where}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@feedback_app.command("simulate")
+def feedback_simulate(
+    token: Annotated[str, typer.Option(help="The simulated rater's token (add-rater).")],
+    url: Annotated[str, typer.Option(help="The rating page.")] = "http://127.0.0.1:8765",
+    gold: Annotated[
+        str,
+        typer.Option(help="The stand-in person: lexicon | vader | hf:<model> (not the reward)."),
+    ] = "lexicon",
+    votes: Annotated[int, typer.Option(help="Pairs to answer at most.", min=1)] = 100,
+    margin: Annotated[float, typer.Option(help="Score difference below which it says tie.")] = 0.05,
+) -> None:
+    """A simulated rater: a scorer the policy never trained against votes through the page."""
+    root = project()
+    from upbeat.feedback.simulate import rate
+    from upbeat.judge import load_judge
+    from upbeat.rewards import load_spec
+
+    with user_errors():
+        spec = load_spec(root / _dvc_vars(root)["reward_spec"])
+        with console.status(f"loading {gold}"):
+            scorer = load_judge(gold, spec)  # refuses the reward's own scorer
+        given = rate(url, token, scorer, votes=votes, margin=margin)
+    console.print(f"answered {sum(given.values())} pairs: {dict(given)}", highlight=False)
+
+
+@feedback_app.command("export")
+def feedback_export() -> None:
+    """Write the votes to the file the `feedback` stage depends on (unchanged bytes when no vote
+    is new, so DVC re-runs nothing); the flow runs this before it plans."""
+    root = project()
+    from upbeat.feedback.store import export_votes
+
+    with user_errors():
+        out = root / _dvc_vars(root)["feedback_votes"]
+        changed, n = export_votes(root, out)
+    what = "updated" if changed else "unchanged"
+    console.print(f"{out.relative_to(root)}: {n} votes ({what})", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -95,6 +95,7 @@ def test_project_stage_order_is_the_pipeline():
         "evaluate",
         "register",
         "promote",
+        "feedback",  # no stage depends on it yet; the reward stage will (then it comes before)
     ]
 
 

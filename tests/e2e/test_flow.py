@@ -31,6 +31,7 @@ from flows import retrain as rf
 
 ALL = [
     "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
+    "feedback",
 ]  # fmt: skip
 
 

@@ -59,6 +59,7 @@ REMOTE_URL = f"s3://{DVC_BUCKET}/{PREFIX}"
 MODEL = "upbeat-policy"
 ALL = [
     "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
+    "feedback",
 ]  # fmt: skip
 LONG_PPO = 60  # steps of the run that is killed: long enough to kill and to restart PostgreSQL in
 RUN_WAIT = 900  # bound on one flow run (a whole tiny pipeline on a busy 2-core machine)

@@ -168,6 +168,8 @@ def load_secrets(cfg: StackConfig, create: bool = False) -> Secrets | None:
 
 def client_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
     """What points MLflow, Prefect, DVC and boto3 at this stack, by each tool's own variables."""
+    from upbeat.stack import postgres  # it imports this module
+
     return {
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
         "MLFLOW_TRACKING_USERNAME": sec.mlflow_username,
@@ -178,6 +180,7 @@ def client_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": sec.aws_secret_access_key,
         "AWS_ENDPOINT_URL": cfg.s3_url,  # botocore, s3fs and so DVC's S3 remote read it
         "AWS_DEFAULT_REGION": REGION,
+        "UPBEAT_FEEDBACK_DB": postgres.url(cfg, "feedback"),  # upbeat/feedback/store.py
     }
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from upbeat.stack.config import StackConfig, StackError
 
 SUPERUSER = "postgres"
-DATABASES = ("mlflow", "mlflow_auth", "prefect")
-"""Tracking + registry store, MLflow's auth store, Prefect's database."""
+DATABASES = ("mlflow", "mlflow_auth", "prefect", "feedback")
+"""Tracking + registry store, MLflow's auth store, Prefect's database, the rating page's votes."""
 BINDIR_ENV = "UPBEAT_STACK_PG_BINDIR"
 USER_ENV = "UPBEAT_STACK_PG_USER"
 SOCKET_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
