@@ -126,15 +126,18 @@ def test_served_schedule_fires_on_a_real_server(small_project, server, tmp_path)
             assert deployment.global_concurrency_limit.limit == 1
             assert deployment.parameters["project"] == str(small_project.resolve())
 
-            def a_scheduled_run_completed():
-                return completed(scheduled_runs(client, deployment.id))
-
-            try:
-                wait_for(a_scheduled_run_completed, SCHEDULE_WAIT, "scheduled run", serving)
-            except TimeoutError as exc:
+            def server_log_and_runs() -> str:
                 runs = [(r.name, r.state_name) for r in scheduled_runs(client, deployment.id)]
-                server_log = (tmp_path / "server.log").read_text()[-3000:]
-                raise AssertionError(f"{exc}; scheduled runs: {runs}\n{server_log}") from None
+                return f"scheduled runs: {runs}\n{(tmp_path / 'server.log').read_text()}"
+
+            wait_until(
+                "run created by the scheduler and completed",
+                lambda: completed(scheduled_runs(client, deployment.id)),
+                SCHEDULE_WAIT,
+                1,
+                alive=serving,
+                output=server_log_and_runs,
+            )
         assert (small_project / "second.txt").read_text() == "12"
         assert "dvc.lock" in os.listdir(small_project)
         errors = error_lines((tmp_path / "server.log").read_text())
