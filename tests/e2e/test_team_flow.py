@@ -40,7 +40,8 @@ from typing import Any
 import psutil
 import pytest
 import stack_fixture
-from stack_fixture import Stack, s3_keys
+from browser import chromium
+from stack_fixture import Stack, request, s3_keys
 from tiny_project import git, make_project
 
 from upbeat.cli import apply_overrides
@@ -61,6 +62,7 @@ RUN_WAIT = 900  # bound on one flow run (a whole tiny pipeline on a busy 2-core 
 CALL_WAIT = 300  # bound on one subprocess
 CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
 EXIT_WAIT = 30  # bound on a flow-run process exiting after its run is final
+PAGE_WAIT = 60  # bound on a page of the Prefect UI showing what it loads
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -295,6 +297,36 @@ def test_a_triggered_run_is_run_by_the_worker_tracked_on_the_server_and_pushed(
     assert len(stored) >= pushed > 0
     assert registry_state() == ("1", 1)
     story["first"] = run_id
+
+
+def test_the_prefect_ui_in_a_browser_shows_the_deployment_and_the_pools_runs(
+    stack: Stack, story: dict[str, Any]
+) -> None:
+    from prefect.client.orchestration import get_client
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    api = stack.client["PREFECT_API_URL"]
+    code, ui = request(api.removesuffix("/api") + "/ui-settings")
+    assert code == 200 and ui["api_url"] == api, ui  # the stack's port, not Prefect's 4200
+    with prefect_at(stack), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+        run_name = client.read_flow_run(story["first"]).name
+    with chromium() as driver:
+        page = WebDriverWait(driver, PAGE_WAIT)
+        driver.get(api.removesuffix("/api") + "/deployments")
+        login = page.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+        login[0].send_keys(stack.client["PREFECT_API_AUTH_STRING"], Keys.ENTER)  # the UI's login
+        link = f"a[href$='/deployments/deployment/{deployment.id}']"
+        found = page.until(lambda d: d.find_elements(By.CSS_SELECTOR, link))
+        assert found[0].text == "scheduled"
+        flows = driver.find_elements(By.CSS_SELECTOR, "a[href*='/flows/flow/']")
+        assert "retrain" in [a.text for a in flows]
+
+        driver.get(api.removesuffix("/api") + f"/work-pools/work-pool/{WORK_POOL}")
+        page.until(lambda d: run_name in d.find_element(By.TAG_NAME, "body").text)
+        assert "Can't connect to Server API" not in driver.find_element(By.TAG_NAME, "body").text
 
 
 def test_a_fresh_clone_pulls_the_last_run_and_finds_nothing_to_reproduce(

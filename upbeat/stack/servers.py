@@ -140,6 +140,10 @@ def prefect_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         "PREFECT_SERVER_API_AUTH_STRING": sec.prefect_auth,
         # the server's own services call its API too
         "PREFECT_API_AUTH_STRING": sec.prefect_auth,
+        # what the UI's /ui-settings tells the browser to call (else Prefect's default 4200)
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(cfg.prefect_port),
+        "PREFECT_UI_API_URL": cfg.prefect_api,
     }
 
 
