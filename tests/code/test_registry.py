@@ -106,6 +106,13 @@ def test_better_promoted_worse_not_rollback_restores(register):
         registry.rollback(NAME)
 
 
+def test_status_lists_each_versions_aliases(register):
+    v1, v2 = register(0.3), register(0.5)
+    registry.promote_if_passes(NAME, v1, GATE)  # v1 champion, v2 challenger
+    found = {v["version"]: v["aliases"] for v in registry.status(NAME)["versions"]}
+    assert found == {v2: ["challenger"], v1: ["champion"]}
+
+
 def test_manual_promote_recorded(register):
     v1 = register(0.5)
     registry.promote_if_passes(NAME, v1, GATE)
