@@ -117,9 +117,11 @@ def _git(root: Path, *args: str) -> str | None:
 
 def lineage(root: Path, params: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Tags that say where a model came from: code, pipeline state, data, parameters."""
+    # dvc.lock is excluded: the run itself rewrites it before this (its hash is the next tag)
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
     tags = {
         "lineage.git_commit": _git(root, "rev-parse", "HEAD") or "unknown",
-        "lineage.git_dirty": str(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
+        "lineage.git_dirty": str(bool(changed)),
     }
     lock = root / "dvc.lock"
     if lock.is_file():

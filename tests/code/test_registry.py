@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from upbeat import registry
@@ -58,6 +60,27 @@ def test_gate_missing_metric_fails():
     decision = registry.gate({"after/reward_mean": 0.5}, None, GATE)
     assert not decision.passed
     assert sum(r.startswith("FAIL") for r in decision.reasons) == 3
+
+
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def test_lineage_dirty_only_for_changes_the_run_did_not_make(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("ppo:\n  steps: 1\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clean")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # what a run writes
+    git("add", "dvc.lock")  # ... and stages
+    tags = registry.lineage(tmp_path)
+    assert tags["lineage.git_dirty"] == "False"
+    assert tags["lineage.dvc_lock_sha256"]  # the lock's own record
+    (tmp_path / "params.yaml").write_text("ppo:\n  steps: 2\n")  # an uncommitted edit
+    assert registry.lineage(tmp_path)["lineage.git_dirty"] == "True"
 
 
 # --- registry on a real sqlite store -----------------------------------------------------------
