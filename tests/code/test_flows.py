@@ -147,6 +147,29 @@ def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
     assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()
 
 
+def test_a_killed_workers_broken_pipe_is_one_line_in_the_run_log():
+    """rich's console turns a write to the dead worker's pipe into SystemExit; Prefect logs that
+    with a traceback, which the flow's log filter turns into one line saying what happened."""
+    import logging
+
+    def on_broken_pipe() -> None:  # rich's Console.on_broken_pipe, after pointing stdout away
+        raise SystemExit(1)
+
+    try:
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError:
+            on_broken_pipe()
+    except SystemExit:
+        record = logging.LogRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1,
+            "Engine execution interrupted by base exception", (), sys.exc_info(),
+        )  # fmt: skip
+    assert rf._NoTracebackForRefusals().filter(record)
+    assert record.exc_info is None and record.getMessage() == rf.WORKER_GONE
+    assert "worker" in rf.WORKER_GONE and "Crashed" in rf.WORKER_GONE
+
+
 def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
     """Prefect logs a task's exception and a deployed run's Failed state with a traceback; for
     a refusal the flow's own line is the report, a bug keeps its traceback."""
