@@ -201,3 +201,13 @@ def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
         finally:
             logger.handlers, logger.propagate = handlers, propagate
         assert [type(r.exc_info[1]) for r in keep.records if r.exc_info] == [RuntimeError], name
+
+
+def test_a_run_taking_the_lock_ends_the_parent_run_a_dead_run_left_running(tmp_path):
+    client, dead = rf.open_parent_run(tmp_path)  # its process "died": never terminated
+    _, alive = rf.open_parent_run(tmp_path)  # the next run, holding the lock
+    assert client.get_run(dead).info.status == "FAILED"
+    assert "ended by the next run" in client.get_run(dead).data.tags["upbeat.ended"]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(alive).data.tags["upbeat.project"] == str(tmp_path)
+    client.set_terminated(alive, "FINISHED")
