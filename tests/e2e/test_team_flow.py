@@ -17,7 +17,10 @@ the state the previous one left):
    checkpoint, and PostgreSQL restarted while PPO logs to MLflow loses no metric and leaves no
    registry version without its files;
 7. the S3 endpoint down at push time fails a (no-op) run naming the remote, the outputs stay; with
-   the endpoint back, the next run stores them.
+   the endpoint back, the next run stores them;
+8. a run survives PostgreSQL down for most of a minute; then `upbeat stack down` under it
+   refuses and stops nothing, and `--force` cancels the run first (Cancelled in Prefect, KILLED
+   in MLflow, its stage stopped), then stops the servers.
 Opt-in (`-m slow`, minutes by design): a run whose every process died at once is crashed by the
 server's heartbeat automation.
 """
@@ -44,10 +47,11 @@ from browser import chromium
 from stack_fixture import Stack, request, s3_keys
 from tiny_project import git, make_project
 
+from flows.retrain import WORKER_GONE
 from upbeat.cli import apply_overrides
-from upbeat.stack import WORK_POOL, s3
+from upbeat.stack import NAMES, WORK_POOL, s3
 from upbeat.stack.config import DVC_BUCKET, load_secrets, resolve
-from upbeat.stack.procs import read_record, stop
+from upbeat.stack.procs import alive, read_record, stop
 
 stack = stack_fixture.stack  # one stack for this module
 pytestmark = pytest.mark.story  # ordered steps: after a failed one, the rest are skipped
@@ -63,6 +67,7 @@ CALL_WAIT = 300  # bound on one subprocess
 CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
 EXIT_WAIT = 30  # bound on a flow-run process exiting after its run is final
 PAGE_WAIT = 60  # bound on a page of the Prefect UI showing what it loads
+PG_OUTAGE = 45  # s PostgreSQL stays down under a run (plus its stop and start)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -391,6 +396,8 @@ def test_a_killed_worker_crashes_its_run_and_leaves_the_champion(
 
     state = wait_final(on_stack, running, CRASH_WAIT)
     assert state.type.value == "CRASHED", f"{state.name}: {state.message}"
+    log = logs_of(on_stack, running)
+    assert WORKER_GONE in log and "Traceback" not in log, log  # one line, not rich's traceback
     assert state_of(on_stack, waiting).name == "AwaitingConcurrencySlot"  # no worker to take it
     assert parent_run(running).info.status == "FAILED"  # never FINISHED without its outputs
     assert registry_state() == ("1", 1)
@@ -479,6 +486,53 @@ def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outp
     state = wait_final(on_stack, again)
     assert state.is_completed(), f"{state.name}: {state.message}"
     assert parent_run(again).data.tags["dvc.remote"] == "stack"
+
+
+def test_a_run_survives_a_database_outage_and_stack_down_under_it_refuses_or_cancels_it(
+    on_stack: Stack, project: Path
+) -> None:
+    from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS
+
+    steps = LONG_PPO + 40  # PPO onwards stale, and long enough to outlast what follows
+    apply_overrides(project / "params.yaml", [f"ppo.steps={steps}"])
+    run_id = trigger(on_stack)
+    wait_until(
+        "PPO stepping",
+        lambda: re.search(rf"ppo: step \d+/{steps}", logs_of(on_stack, run_id)),
+        RUN_WAIT,
+    )
+    # PostgreSQL down for most of a minute under the run (Prefect's server answers 500 meanwhile)
+    postgres = read_record(on_stack.root / "run", "postgres")
+    assert postgres is not None
+    outage = time.monotonic()
+    stop(postgres, signal.SIGINT)
+    time.sleep(PG_OUTAGE)
+    on_stack.up()
+    done = len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id)))
+    wait_until(
+        "PPO stepping on after the outage",
+        lambda: len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id))) > done,
+        RUN_WAIT,
+    )
+    # past the crash automation's window: the heartbeats lost in the outage did not crash it
+    time.sleep(max(0.0, outage + HEARTBEAT_SECONDS * (MISSED_HEARTBEATS + 1) - time.monotonic()))
+    assert state_of(on_stack, run_id).name == "Running", state_of(on_stack, run_id).message
+
+    servers = [r for n in NAMES if (r := read_record(on_stack.root / "run", n))]
+    refused = on_stack.cli("down", check=False)
+    assert refused.returncode == 1, refused.stdout
+    message = " ".join(refused.stderr.split())
+    assert run_id in message and "in progress" in message and "--force" in message, message
+    assert all(alive(r) for r in servers)  # nothing was stopped
+
+    forced = on_stack.cli("down", "--force")
+    assert "cancelled" in forced.stdout, forced.stdout
+    assert not any(alive(r) for r in servers)
+    assert not processes_in(project)  # the run stopped its stage before the servers went
+    on_stack.up()
+    assert state_of(on_stack, run_id).type.value == "CANCELLED"
+    assert parent_run(run_id).info.status == "KILLED"
+    assert registry_state()[1] == 2  # nothing registered
 
 
 @pytest.mark.slow

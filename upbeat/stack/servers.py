@@ -174,6 +174,10 @@ def worker_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         # A local server: poll every 2 s (Prefect's default 10 s is most of a triggered no-op
         # run's wait; benchmarks/README.md "Stack").
         "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # With PostgreSQL down, Prefect's server answers 500 (not its retryable 503) to what
+        # needs the database: a run's client retries those too (5 times, 2+4+...+32 s), so a
+        # database restart of up to a minute passes under a run
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
     }
 
 
