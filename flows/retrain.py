@@ -50,7 +50,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.logging import get_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
@@ -140,6 +140,10 @@ class PushFailed(RuntimeError):
 
 
 REFUSALS = (LockHeld, PlanError, PushFailed, StageFailed)  # expected: the run says why, once
+WORKER_GONE = (
+    "the worker that started this run is gone (its output pipe broke): the run ends Crashed; "
+    "the next run skips the finished stages and PPO resumes from its checkpoint"
+)
 
 
 class _NoTracebackForRefusals(logging.Filter):
@@ -149,7 +153,11 @@ class _NoTracebackForRefusals(logging.Filter):
     anything else (a bug) keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], REFUSALS))
+        exc = record.exc_info[1] if record.exc_info else None
+        # the worker died: rich's console turns the broken stdout pipe into SystemExit
+        if isinstance(exc, SystemExit) and isinstance(exc.__context__, BrokenPipeError):
+            record.msg, record.args, record.exc_info, record.exc_text = WORKER_GONE, (), None, None
+        return not isinstance(exc, REFUSALS)
 
 
 _REFUSAL_FILTER = _NoTracebackForRefusals()
@@ -343,10 +351,12 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
     """Start the flow's MLflow run (imported lazily: the flow itself needs no ML libraries)."""
     from mlflow import MlflowClient
 
-    from upbeat.tracking import setup_mlflow, tracking_uri
+    from upbeat.tracking import end_orphaned_runs, owner_tags, setup_mlflow, tracking_uri
 
     exp_id = setup_mlflow(root)
     client = MlflowClient(tracking_uri(root))
+    if ended := end_orphaned_runs(client, exp_id, root):  # we hold the run lock: theirs died
+        _log().warning("ended MLflow run(s) %s: left RUNNING by a run that died", ended)
     run = client.create_run(
         exp_id,
         run_name="retrain",
@@ -354,6 +364,7 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
             "upbeat.flow": "retrain",
             "prefect.flow_run_id": str(flow_run.get_id() or "-"),
             "git.commit": git(root, "rev-parse", "HEAD") or "unknown",
+            **owner_tags(root),
         },
     )
     return client, run.info.run_id
@@ -436,7 +447,10 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
         returned = True
     finally:
         status = "FINISHED" if end is None and returned else "FAILED"
-        if end is not None and end.is_cancelled():
+        # a deployed run stopped by its worker (a cancel, `upbeat stack down --force`) gets
+        # Prefect's TerminationSignal here instead of a Cancelled state
+        stopped = isinstance(sys.exc_info()[1], TerminationSignal)
+        if stopped or (end is not None and end.is_cancelled()):
             status = "KILLED"
         for stage, outcome in results.items():
             client.set_tag(parent, f"stage.{stage}", outcome)

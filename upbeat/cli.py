@@ -541,12 +541,22 @@ def stack_up(
 
 
 @stack_app.command("down")
-def stack_down(folder: StackDir = None) -> None:
-    """Stop the servers `upbeat stack up` started (data stays in the stack folder)."""
+def stack_down(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Only these servers (postgres, s3, mlflow, prefect, worker)."),
+    ] = None,
+    folder: StackDir = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Cancel the flow runs in progress first.")
+    ] = False,
+) -> None:
+    """Stop the servers `upbeat stack up` started (data stays in the stack folder); `up` starts
+    again whatever is stopped. Refuses while a flow run is in progress, unless --force."""
     from upbeat import stack
 
     with user_errors(), console.status("stopping the stack"):
-        outcome = stack.down(_stack_project(folder), folder)
+        outcome = stack.down(_stack_project(folder), folder, names, force)
     for name, text in outcome.items():
         console.print(f"  {name:9} {text}", highlight=False)
 
@@ -569,6 +579,14 @@ def stack_status(
             return
         cfg, rows = stack.status(root, folder)
     console.print(f"stack in {cfg.root}", highlight=False)
+    if not any(row["running"] for row in rows):
+        for other in stack.elsewhere(cfg):
+            console.print(
+                f"[yellow]nothing runs from {cfg.root}, but a stack runs in {other}:[/] "
+                f"`export UPBEAT_STACK_DIR={other}` (or --dir) to use it",
+                highlight=False,
+                soft_wrap=True,
+            )
     for row in rows:
         state = "[green]running[/]" if row["answers"] else "[red]stopped[/]"
         if row["running"] and not row["answers"]:

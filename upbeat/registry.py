@@ -112,9 +112,11 @@ def gate(
 
 def lineage(root: Path, params: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Tags that say where a model came from: code, pipeline state, data, parameters."""
+    # dvc.lock is excluded: the run itself rewrites it before this (its hash is the next tag)
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
     tags = {
         "lineage.git_commit": _git(root, "rev-parse", "HEAD") or "unknown",
-        "lineage.git_dirty": str(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
+        "lineage.git_dirty": str(bool(changed)),
     }
     lock = root / "dvc.lock"
     if lock.is_file():
@@ -511,10 +513,14 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
 
     client = _client()
     try:
-        client.get_registered_model(model_name)
+        model = client.get_registered_model(model_name)
     except MlflowException as exc:
         _check_refused(exc)
         return {"model": model_name, "champion": None, "versions": [], "history": []}
+    # the registered model holds the aliases (a version found by search carries none)
+    aliases: dict[str, list[str]] = {}
+    for alias, ver in sorted((model.aliases or {}).items()):
+        aliases.setdefault(str(ver), []).append(alias)
     champ = champion_version(model_name, client)
     versions = client.search_model_versions(f"name = '{model_name}'")
     versions = sorted(versions, key=lambda mv: int(mv.version), reverse=True)[:n_versions]
@@ -533,7 +539,7 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
         "versions": [
             {
                 "version": str(mv.version),
-                "aliases": list(mv.aliases or []),
+                "aliases": aliases.get(str(mv.version), []),
                 "gate": mv.tags.get("gate.passed", "-"),
                 "registered_at": mv.tags.get("registered_at", ""),
             }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -114,6 +115,37 @@ def setup_mlflow(root: Path | None = None, experiment: str = EXPERIMENT) -> str:
         raise
     mlflow.set_experiment(experiment)
     return exp_id
+
+
+def owner_tags(root: Path) -> dict[str, str]:
+    """Who runs a retrain parent run: host, pid and project (read by `end_orphaned_runs`)."""
+    return {
+        "upbeat.host": socket.gethostname(),
+        "upbeat.pid": str(os.getpid()),
+        "upbeat.project": str(root),
+    }
+
+
+def end_orphaned_runs(client: Any, experiment_id: str, root: Path) -> list[str]:
+    """End FAILED the retrain parent runs of this project on this host still RUNNING: a run
+    whose process died with no chance to say so (SIGKILL, `stack down` under it, a lost worker
+    that Prefect marked Crashed). Call it holding the project's run lock: no other run of the
+    project is alive then. Returns the ids it ended."""
+    mine = owner_tags(root)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string="attributes.status = 'RUNNING' and tags.`upbeat.flow` = 'retrain'",
+    )
+    ended = []
+    for run in found:
+        tags = run.data.tags
+        if any(tags.get(k) != mine[k] for k in ("upbeat.host", "upbeat.project")):
+            continue
+        reason = f"its process (pid {tags.get('upbeat.pid', '?')}) died; ended by the next run"
+        client.set_tag(run.info.run_id, "upbeat.ended", reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -194,6 +194,29 @@ def test_lock_refuses_a_second_holder_with_who_and_since(tmp_path):
     assert not (tmp_path / ".dvc" / "tmp" / f"{rf.LOCK_NAME}.json").exists()
 
 
+def test_a_killed_workers_broken_pipe_is_one_line_in_the_run_log():
+    """rich's console turns a write to the dead worker's pipe into SystemExit; Prefect logs that
+    with a traceback, which the flow's log filter turns into one line saying what happened."""
+    import logging
+
+    def on_broken_pipe() -> None:  # rich's Console.on_broken_pipe, after pointing stdout away
+        raise SystemExit(1)
+
+    try:
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError:
+            on_broken_pipe()
+    except SystemExit:
+        record = logging.LogRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1,
+            "Engine execution interrupted by base exception", (), sys.exc_info(),
+        )  # fmt: skip
+    assert rf._NoTracebackForRefusals().filter(record)
+    assert record.exc_info is None and record.getMessage() == rf.WORKER_GONE
+    assert "worker" in rf.WORKER_GONE and "Crashed" in rf.WORKER_GONE
+
+
 def test_prefects_reports_of_a_refusal_carry_no_traceback_and_a_bugs_do():
     """Prefect logs a task's exception and a deployed run's Failed state with a traceback; for
     a refusal the flow's own line is the report, a bug keeps its traceback."""
@@ -235,3 +258,13 @@ def test_importing_the_flow_changes_nothing():
         "('prefect.flow_runs', 'prefect.task_runs'))"
     )
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, timeout=120)
+
+
+def test_a_run_taking_the_lock_ends_the_parent_run_a_dead_run_left_running(tmp_path):
+    client, dead = rf.open_parent_run(tmp_path)  # its process "died": never terminated
+    _, alive = rf.open_parent_run(tmp_path)  # the next run, holding the lock
+    assert client.get_run(dead).info.status == "FAILED"
+    assert "ended by the next run" in client.get_run(dead).data.tags["upbeat.ended"]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(alive).data.tags["upbeat.project"] == str(tmp_path)
+    client.set_terminated(alive, "FINISHED")

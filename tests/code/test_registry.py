@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from upbeat import registry
@@ -60,6 +62,27 @@ def test_gate_missing_metric_fails():
     assert sum(r.startswith("FAIL") for r in decision.reasons) == 3
 
 
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def test_lineage_dirty_only_for_changes_the_run_did_not_make(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("ppo:\n  steps: 1\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clean")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # what a run writes
+    git("add", "dvc.lock")  # ... and stages
+    tags = registry.lineage(tmp_path)
+    assert tags["lineage.git_dirty"] == "False"
+    assert tags["lineage.dvc_lock_sha256"]  # the lock's own record
+    (tmp_path / "params.yaml").write_text("ppo:\n  steps: 2\n")  # an uncommitted edit
+    assert registry.lineage(tmp_path)["lineage.git_dirty"] == "True"
+
+
 # --- registry on a real sqlite store -----------------------------------------------------------
 
 
@@ -104,6 +127,13 @@ def test_better_promoted_worse_not_rollback_restores(register):
     assert client.get_model_version(NAME, v2).tags["rollback.reason"] == "v2 misbehaves"
     with pytest.raises(UpbeatError, match="no earlier champion"):
         registry.rollback(NAME)
+
+
+def test_status_lists_each_versions_aliases(register):
+    v1, v2 = register(0.3), register(0.5)
+    registry.promote_if_passes(NAME, v1, GATE)  # v1 champion, v2 challenger
+    found = {v["version"]: v["aliases"] for v in registry.status(NAME)["versions"]}
+    assert found == {v2: ["challenger"], v1: ["champion"]}
 
 
 def test_manual_promote_recorded(register):

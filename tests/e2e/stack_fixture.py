@@ -109,7 +109,7 @@ def stack() -> Iterator[Stack]:
         st.up()
         yield st
     finally:
-        st.cli("down", check=False)
+        st.cli("down", "--force", check=False)  # a failed step may leave a run in progress
         left = kill_left(st.seen)
         shutil.rmtree(base, ignore_errors=True)
         assert not left, f"server processes left running after `down`: {left}"

@@ -5,15 +5,17 @@ would (`upbeat stack up | status | down` in subprocesses, so the servers really 
 command that started them). The fixture always brings it down and then checks that no process
 named in its pid files is alive. Every client talks to a server process over HTTP or the
 PostgreSQL socket: MLflow through its REST API with basic auth, artifacts and the DVC remote on
-moto's S3 server, Prefect through its API.
+moto's S3 server (signatures enforced), Prefect through its API.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,77 @@ def test_mlflow_run_artifact_and_registry_through_the_server(
     assert policy.config.vocab_size == len(tokenizer)
 
 
+def test_s3_refuses_unsigned_and_wrongly_signed_requests_and_writes_nothing(
+    stack: Stack, dvc_repo: Path
+) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    endpoint = stack.client["AWS_ENDPOINT_URL"]
+    key, secret = stack.client["AWS_ACCESS_KEY_ID"], stack.client["AWS_SECRET_ACCESS_KEY"]
+    assert request(f"{endpoint}/{DVC_BUCKET}")[0] == 403  # anonymous listing
+    assert request(f"{endpoint}/{DVC_BUCKET}/intruder", body={})[0] == 403  # anonymous write
+    assert request(f"{endpoint}/moto-api/data.json")[0] == 403  # moto's dump of every backend
+
+    def s3_as(key_id: str, secret_key: str):  # type: ignore[no-untyped-def]
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=stack.client["AWS_DEFAULT_REGION"],
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret_key,
+        )
+
+    for intruder, code in (
+        (s3_as(key, secret[::-1]), "SignatureDoesNotMatch"),
+        (s3_as("AKIA" + "X" * 16, secret), "InvalidAccessKeyId"),
+    ):
+        for call, args in (
+            ("list_objects_v2", {"Bucket": DVC_BUCKET}),
+            ("get_object", {"Bucket": MLFLOW_BUCKET, "Key": "anything"}),
+            ("put_object", {"Bucket": DVC_BUCKET, "Key": "intruder", "Body": b"x"}),
+            ("create_bucket", {"Bucket": "intruder"}),
+        ):
+            with pytest.raises(ClientError) as refused:
+                getattr(intruder, call)(**args)
+            error = refused.value.response
+            assert error["ResponseMetadata"]["HTTPStatusCode"] == 403, call
+            assert error["Error"]["Code"] == code, call
+    # presigned URLs (MLflow's server hands them out for downloads): the key's, and unexpired
+    from botocore.config import Config
+
+    def presigned(secret_key: str, expires: int = 60) -> str:
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name=stack.client["AWS_DEFAULT_REGION"],
+            aws_access_key_id=key, aws_secret_access_key=secret_key,
+            config=Config(signature_version="s3v4"),
+        )  # fmt: skip
+        where = {"Bucket": DVC_BUCKET, "Key": "presigned.txt"}
+        return client.generate_presigned_url("get_object", Params=where, ExpiresIn=expires)
+
+    s3_as(key, secret).put_object(Bucket=DVC_BUCKET, Key="presigned.txt", Body=b"shared")
+    assert request(presigned(secret)) == (200, b"shared")
+    assert request(presigned(secret).replace("Signature=", "Signature=0"))[0] == 403
+    assert request(presigned(secret[::-1]))[0] == 403
+    expired = presigned(secret, expires=1)
+    time.sleep(2)
+    assert request(expired)[0] == 403
+    # the stack's key: allowed S3 and nothing else of moto (its IAM holds that key)
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id=key, aws_secret_access_key=secret,
+    )  # fmt: skip
+    with pytest.raises(ClientError):
+        iam.list_access_keys()
+    keys = s3_keys(stack, DVC_BUCKET)
+    assert "intruder" not in keys and any(k.startswith("store/") for k in keys)
+    s3_as(key, secret).delete_object(Bucket=DVC_BUCKET, Key="presigned.txt")
+    assert [b["Name"] for b in s3_as(key, secret).list_buckets()["Buckets"]] == [
+        MLFLOW_BUCKET,
+        DVC_BUCKET,
+    ]
+
+
 def test_prefect_server_work_pool_and_an_online_worker(stack: Stack) -> None:
     api = stack.client["PREFECT_API_URL"]
     auth = tuple(stack.client["PREFECT_API_AUTH_STRING"].split(":", 1))
@@ -194,6 +267,28 @@ def test_dvc_push_then_pull_into_a_fresh_clone(
     assert pulled == (dvc_repo / "data.csv").read_text()
 
 
+def test_a_second_checkout_is_told_where_the_running_stack_is(stack: Stack, tmp_path: Path) -> None:
+    env = {**stack.env, "UPBEAT_STACK_DIR": str(tmp_path / "this-checkout" / ".upbeat-stack")}
+    done = subprocess.run(
+        [*CLI, "status"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert f"a stack runs in {stack.root}: `export UPBEAT_STACK_DIR={stack.root}`" in out
+
+
+def test_down_one_server_then_up_starts_just_it_again(stack: Stack, dvc_repo: Path) -> None:
+    before = {r.name: r for n in NAMES if (r := read_record(stack.root / "run", n))}
+    stored = s3_keys(stack, DVC_BUCKET)
+    down = stack.cli("down", "s3").stdout
+    assert "s3" in down and "objects kept" in down and "mlflow" not in down
+    assert not alive(before["s3"])
+    assert all(alive(rec) for name, rec in before.items() if name != "s3")
+    out = stack.up().stdout
+    assert re.search(r"s3 +started", out) and re.search(r"mlflow +already running", out)
+    assert s3_keys(stack, DVC_BUCKET) == stored
+
+
 def test_down_then_up_keeps_registry_artifacts_and_dvc_data(
     stack: Stack, registered: dict, dvc_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -204,6 +299,7 @@ def test_down_then_up_keeps_registry_artifacts_and_dvc_data(
     before = list(stack.seen)
     down = stack.cli("down").stdout
     assert "objects kept" in down
+    assert (stack.root / "s3").stat().st_mode & 0o777 == 0o700  # the buckets' copy: owner only
     assert not [r for r in before if alive(r)], "down left a server running"
     assert not list((stack.root / "run").glob("*.pid"))
     stack.up()

@@ -20,6 +20,9 @@ the state the previous one left):
    the endpoint back, the next run stores them;
 8. on an every-minute cron the server's scheduler creates the runs and the worker runs one to
    Completed, with no ERROR in the Prefect server's log meanwhile.
+9. a run survives PostgreSQL down for most of a minute; then `upbeat stack down` under it
+   refuses and stops nothing, and `--force` cancels the run first (Cancelled in Prefect, KILLED
+   in MLflow, its stage stopped), then stops the servers.
 Opt-in (`-m slow`, minutes by design): a run whose every process died at once is crashed by the
 server's heartbeat automation.
 """
@@ -42,15 +45,17 @@ from typing import Any
 import psutil
 import pytest
 import stack_fixture
+from browser import chromium
 from schedules import EVERY_MINUTE, SCHEDULE_WAIT, completed, error_lines, scheduled_runs
-from stack_fixture import Stack, s3_keys
+from stack_fixture import Stack, request, s3_keys
 from tiny_project import git, make_project
 from waiting import wait_until
 
+from flows.retrain import WORKER_GONE
 from upbeat.cli import apply_overrides
-from upbeat.stack import WORK_POOL, s3
+from upbeat.stack import NAMES, WORK_POOL, s3
 from upbeat.stack.config import DVC_BUCKET, load_secrets, resolve
-from upbeat.stack.procs import read_record, stop
+from upbeat.stack.procs import alive, read_record, stop
 
 stack = stack_fixture.stack  # one stack for this module
 pytestmark = pytest.mark.story  # ordered steps: after a failed one, the rest are skipped
@@ -66,6 +71,8 @@ RUN_WAIT = 900  # bound on one flow run (a whole tiny pipeline on a busy 2-core 
 CALL_WAIT = 300  # bound on one subprocess
 CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
 EXIT_WAIT = 30  # bound on a flow-run process exiting after its run is final
+PAGE_WAIT = 60  # bound on a page of the Prefect UI showing what it loads
+PG_OUTAGE = 45  # s PostgreSQL stays down under a run (plus its stop and start)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -294,6 +301,36 @@ def test_a_triggered_run_is_run_by_the_worker_tracked_on_the_server_and_pushed(
     story["first"] = run_id
 
 
+def test_the_prefect_ui_in_a_browser_shows_the_deployment_and_the_pools_runs(
+    stack: Stack, story: dict[str, Any]
+) -> None:
+    from prefect.client.orchestration import get_client
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    api = stack.client["PREFECT_API_URL"]
+    code, ui = request(api.removesuffix("/api") + "/ui-settings")
+    assert code == 200 and ui["api_url"] == api, ui  # the stack's port, not Prefect's 4200
+    with prefect_at(stack), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+        run_name = client.read_flow_run(story["first"]).name
+    with chromium() as driver:
+        page = WebDriverWait(driver, PAGE_WAIT)
+        driver.get(api.removesuffix("/api") + "/deployments")
+        login = page.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+        login[0].send_keys(stack.client["PREFECT_API_AUTH_STRING"], Keys.ENTER)  # the UI's login
+        link = f"a[href$='/deployments/deployment/{deployment.id}']"
+        found = page.until(lambda d: d.find_elements(By.CSS_SELECTOR, link))
+        assert found[0].text == "scheduled"
+        flows = driver.find_elements(By.CSS_SELECTOR, "a[href*='/flows/flow/']")
+        assert "retrain" in [a.text for a in flows]
+
+        driver.get(api.removesuffix("/api") + f"/work-pools/work-pool/{WORK_POOL}")
+        page.until(lambda d: run_name in d.find_element(By.TAG_NAME, "body").text)
+        assert "Can't connect to Server API" not in driver.find_element(By.TAG_NAME, "body").text
+
+
 def test_a_fresh_clone_pulls_the_last_run_and_finds_nothing_to_reproduce(
     stack: Stack, project: Path, tmp_path: Path
 ) -> None:
@@ -356,6 +393,8 @@ def test_a_killed_worker_crashes_its_run_and_leaves_the_champion(
 
     state = wait_final(on_stack, running, CRASH_WAIT)
     assert state.type.value == "CRASHED", f"{state.name}: {state.message}"
+    log = logs_of(on_stack, running)
+    assert WORKER_GONE in log and "Traceback" not in log, log  # one line, not rich's traceback
     assert state_of(on_stack, waiting).name == "AwaitingConcurrencySlot"  # no worker to take it
     assert parent_run(running).info.status == "FAILED"  # never FINISHED without its outputs
     assert registry_state() == ("1", 1)
@@ -465,7 +504,8 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
                 SCHEDULE_WAIT,
             )
         finally:
-            client.pause_deployment(deployment.id)  # no more runs while the module tears down
+            # back to the story's nightly cron: no more runs every minute, whatever failed above
+            upbeat(on_stack, project, "deploy", "--cron", "0 3 * * *")
             for run in scheduled_runs(client, deployment.id):
                 if run.state is not None and run.state.type == StateType.SCHEDULED:
                     client.delete_flow_run(run.id)
@@ -474,6 +514,53 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
         log.seek(seen)
         errors = error_lines(log.read())
     assert not errors, "\n".join(errors)
+
+
+def test_a_run_survives_a_database_outage_and_stack_down_under_it_refuses_or_cancels_it(
+    on_stack: Stack, project: Path
+) -> None:
+    from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS
+
+    steps = LONG_PPO + 40  # PPO onwards stale, and long enough to outlast what follows
+    apply_overrides(project / "params.yaml", [f"ppo.steps={steps}"])
+    run_id = trigger(on_stack)
+    wait_until(
+        "PPO stepping",
+        lambda: re.search(rf"ppo: step \d+/{steps}", logs_of(on_stack, run_id)),
+        RUN_WAIT,
+    )
+    # PostgreSQL down for most of a minute under the run (Prefect's server answers 500 meanwhile)
+    postgres = read_record(on_stack.root / "run", "postgres")
+    assert postgres is not None
+    outage = time.monotonic()
+    stop(postgres, signal.SIGINT)
+    time.sleep(PG_OUTAGE)
+    on_stack.up()
+    done = len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id)))
+    wait_until(
+        "PPO stepping on after the outage",
+        lambda: len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id))) > done,
+        RUN_WAIT,
+    )
+    # past the crash automation's window: the heartbeats lost in the outage did not crash it
+    time.sleep(max(0.0, outage + HEARTBEAT_SECONDS * (MISSED_HEARTBEATS + 1) - time.monotonic()))
+    assert state_of(on_stack, run_id).name == "Running", state_of(on_stack, run_id).message
+
+    servers = [r for n in NAMES if (r := read_record(on_stack.root / "run", n))]
+    refused = on_stack.cli("down", check=False)
+    assert refused.returncode == 1, refused.stdout
+    message = " ".join(refused.stderr.split())
+    assert run_id in message and "in progress" in message and "--force" in message, message
+    assert all(alive(r) for r in servers)  # nothing was stopped
+
+    forced = on_stack.cli("down", "--force")
+    assert "cancelled" in forced.stdout, forced.stdout
+    assert not any(alive(r) for r in servers)
+    assert not processes_in(project)  # the run stopped its stage before the servers went
+    on_stack.up()
+    assert state_of(on_stack, run_id).type.value == "CANCELLED"
+    assert parent_run(run_id).info.status == "KILLED"
+    assert registry_state()[1] == 2  # nothing registered
 
 
 @pytest.mark.slow

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upbeat.stack import postgres, s3, servers
+import psutil
+
+from upbeat.stack import postgres, runs, s3, servers
 from upbeat.stack.config import (
     DEFAULT_PORTS,
     WORK_POOL,
@@ -51,6 +53,7 @@ __all__ = [
     "StackError",
     "client_env",
     "down",
+    "elsewhere",
     "export_lines",
     "exports",
     "resolve",
@@ -61,6 +64,7 @@ __all__ = [
 
 NAMES = ("postgres", "s3", "mlflow", "prefect", "worker")
 """Start order; `down` goes the other way."""
+CANCEL_WAIT = 90  # s for a cancelled run to stop its stage and record its end
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,9 @@ def _spec(name: str, cfg: StackConfig, sec: Secrets) -> _Spec:
     if name == "s3":
         return _Spec(
             cmd=s3.command(cfg),
-            env=servers.base_env(),
+            env=s3.env(servers.base_env(), sec),
             url=cfg.s3_url,
-            ready=lambda: s3.ready(cfg),
+            ready=lambda: s3.ready(cfg, sec),
             timeout=60,
             after=lambda: s3.restore(cfg, sec),
         )
@@ -230,14 +234,26 @@ def up(
     return cfg, {n: outcome[n] for n in NAMES}
 
 
-def down(project: Path, root: Path | None = None) -> dict[str, str]:
-    """Stop, in reverse start order, the servers whose pid files `up` wrote."""
+def down(
+    project: Path, root: Path | None = None, names: list[str] | None = None, force: bool = False
+) -> dict[str, str]:
+    """Stop, in reverse start order, the servers whose pid files `up` wrote (only `names`, if
+    given: `up` then starts just those again).
+
+    Refuses while a flow run is in progress on the stack, unless `force`: then it cancels those
+    runs through Prefect first (`runs`) and says so under the key "runs".
+    """
+    unknown = sorted(set(names or []) - set(NAMES))
+    if unknown:
+        raise StackError(f"no server named {', '.join(unknown)}: the stack has {', '.join(NAMES)}")
     cfg = resolve(project, root)
     sec = load_secrets(cfg)
     outcome: dict[str, str] = {}
     with _locked(cfg):
         cfg, live = _running(cfg)
-        for name in reversed(NAMES):
+        if "prefect" in live and sec is not None:
+            outcome.update(_stop_runs(cfg, sec, live.get("worker"), force))
+        for name in reversed([n for n in NAMES if not names or n in names]):
             rec = read_record(cfg.run, name)
             if rec is None:
                 outcome[name] = "not running"
@@ -247,7 +263,54 @@ def down(project: Path, root: Path | None = None) -> dict[str, str]:
             else:
                 outcome[name] = "was not running (stale pid file removed)"
             remove_record(cfg.run, name)
-    return {n: outcome[n] for n in NAMES}
+    return {n: outcome[n] for n in ("runs", *NAMES) if n in outcome}
+
+
+def _stop_runs(cfg: StackConfig, sec: Secrets, worker: Record | None, force: bool) -> dict:
+    """Refuse (without `force`) or cancel the flow runs in progress; {"runs": what happened}."""
+    try:
+        active = runs.in_progress(cfg, sec)
+    except Exception as exc:  # Prefect not answering (its database down): stop as before
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"runs": f"Prefect did not say which runs are in progress ({why}); stopping anyway"}
+    if not active:
+        return {}
+    named = ", ".join(f"{r.name} ({r.id}, {r.state})" for r in active)
+    if not force:
+        raise StackError(
+            f"flow run(s) in progress on this stack: {named}. Stopping the servers now would "
+            "leave them Running in Prefect and RUNNING in MLflow: wait for them to end, or "
+            "`upbeat stack down --force` cancels them first (Cancelled in Prefect, KILLED in "
+            "MLflow)"
+        )
+    left = runs.cancel(cfg, sec, active, CANCEL_WAIT)
+    if worker is not None:  # their processes record the end in MLflow after Prefect's state
+        with contextlib.suppress(psutil.Error):
+            psutil.wait_procs(psutil.Process(worker.pid).children(), timeout=CANCEL_WAIT)
+    done = [r for r in active if r not in left]
+    text = f"cancelled {', '.join(r.name for r in done)}" if done else ""
+    if left:  # e.g. an `upbeat run` by hand on this stack: no worker stops it
+        text += (
+            f"{'; ' if text else ''}still {', '.join(r.name for r in left)} (no worker stops it)"
+        )
+    return {"runs": text}
+
+
+def elsewhere(cfg: StackConfig) -> list[Path]:
+    """Folders of other stacks with a server running (each server works in its stack's folder),
+    e.g. the stack a second checkout of the project should point UPBEAT_STACK_DIR at."""
+    import psutil
+
+    found: set[Path] = set()
+    for proc in psutil.process_iter(["cwd"]):
+        folder = Path(proc.info["cwd"]) if proc.info.get("cwd") else None
+        if folder is None or folder == cfg.root or not (folder / "run").is_dir():
+            continue
+        for name in NAMES:
+            rec = read_record(folder / "run", name)
+            if rec is not None and rec.pid == proc.pid and alive(rec):
+                found.add(folder)
+    return sorted(found)
 
 
 def status(project: Path, root: Path | None = None) -> tuple[StackConfig, list[dict[str, Any]]]:

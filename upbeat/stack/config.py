@@ -106,7 +106,7 @@ def resolve(
 
 @dataclass(frozen=True)
 class Secrets:
-    """Credentials generated for this stack; moto accepts any AWS key, the others are checked."""
+    """Credentials generated for this stack, each checked by the server it is for."""
 
     mlflow_username: str
     mlflow_password: str

@@ -1,4 +1,5 @@
-"""The S3 endpoint: moto's standalone server, with its buckets kept in the stack folder.
+"""The S3 endpoint: moto's server with signatures enforced (`s3_server`), buckets kept in the stack
+folder.
 
 moto keeps objects in memory only: its recorder (`MOTO_ENABLE_RECORDING`) logs requests to
 replay, signed headers included, which is neither a store nor free of credentials. So `down`
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,33 @@ BUCKETS = (MLFLOW_BUCKET, DVC_BUCKET)
 
 
 def command(cfg: StackConfig) -> list[str]:
-    return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(cfg.s3_port)]
+    return [
+        sys.executable,
+        "-m",
+        "upbeat.stack.s3_server",
+        "--host",
+        HOST,
+        "--port",
+        str(cfg.s3_port),
+    ]
+
+
+def env(base: dict[str, str], sec: Secrets) -> dict[str, str]:
+    """The server's environment: the one access key it accepts (never on its command line)."""
+    return {
+        **base,
+        "AWS_ACCESS_KEY_ID": sec.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": sec.aws_secret_access_key,
+    }
 
 
 def snapshot_dir(cfg: StackConfig) -> Path:
     return cfg.root / "s3"
 
 
-def client(cfg: StackConfig, sec: Secrets) -> Any:
+def client(cfg: StackConfig, sec: Secrets, **config: Any) -> Any:
     import boto3
+    from botocore.config import Config
 
     return boto3.client(
         "s3",
@@ -38,12 +56,14 @@ def client(cfg: StackConfig, sec: Secrets) -> Any:
         region_name=REGION,
         aws_access_key_id=sec.aws_access_key_id,
         aws_secret_access_key=sec.aws_secret_access_key,
+        config=Config(**config) if config else None,
     )
 
 
-def ready(cfg: StackConfig) -> bool:
-    with urllib.request.urlopen(f"{cfg.s3_url}/moto-api/", timeout=2) as resp:
-        return resp.status == 200
+def ready(cfg: StackConfig, sec: Secrets) -> bool:
+    """The server lists the buckets for a request signed with the stack's key."""
+    quick = client(cfg, sec, connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
+    return "Buckets" in quick.list_buckets()
 
 
 def restore(cfg: StackConfig, sec: Secrets) -> int:
@@ -74,6 +94,7 @@ def snapshot(cfg: StackConfig, sec: Secrets) -> int:
     s3 = client(cfg, sec)
     blobs = snapshot_dir(cfg) / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
+    snapshot_dir(cfg).chmod(0o700)  # the buckets' copy: only the stack's owner, as S3 allows
     manifest: dict[str, dict[str, dict[str, Any]]] = {}
     for bucket in (b["Name"] for b in s3.list_buckets().get("Buckets", [])):
         manifest[bucket] = {}

@@ -129,6 +129,10 @@ def prefect_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         "PREFECT_SERVER_API_AUTH_STRING": sec.prefect_auth,
         # the server's own services call its API too
         "PREFECT_API_AUTH_STRING": sec.prefect_auth,
+        # what the UI's /ui-settings tells the browser to call (else Prefect's default 4200)
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(cfg.prefect_port),
+        "PREFECT_UI_API_URL": cfg.prefect_api,
     }
 
 
@@ -174,6 +178,10 @@ def worker_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         # A local server: poll every 2 s (Prefect's default 10 s is most of a triggered no-op
         # run's wait; benchmarks/README.md "Stack").
         "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # With PostgreSQL down, Prefect's server answers 500 (not its retryable 503) to what
+        # needs the database: a run's client retries those too (5 times, 2+4+...+32 s), so a
+        # database restart of up to a minute passes under a run
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
     }
 
 
