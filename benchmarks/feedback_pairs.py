@@ -6,10 +6,11 @@ the policy never trained against (the lexicon judge: TF-IDF + logistic regressio
 labels). For the pairs each strategy picks it prints:
 - `gold decides`: the share where the gold rater prefers one side by more than `--margin` (the
   rest would be ties: no pair for training);
-- `reward wrong`: of those, the share where the reward prefers the other side. A pair the reward
-  already orders right barely moves a Bradley–Terry fit; one it orders wrong is what it learns
+- `reward not right`: of those, the share the reward does not order as the gold does (it prefers
+  the other side, or scores both the same: VADER gives many neutral texts exactly 0). A pair the
+  reward already orders right barely moves a Bradley–Terry fit; the others are what it learns
   from, so higher is better;
-- `useful pairs`: gold decides × reward wrong, per pair shown.
+- `useful pairs`: the share of pairs shown that are both, per pair shown.
 `random` is averaged over `--repeats` seeds. `disagree` uses the judge, which is also the gold
 here, so its figure is an upper bound, not a fair comparison.
 
@@ -41,14 +42,16 @@ def main() -> None:
 
     from upbeat.data.sources import read_packaged
     from upbeat.evaluate import make_prompts
-    from upbeat.generation import sample_continuations
+    from upbeat.generation import bf16_for_inference, sample_continuations
     from upbeat.judge import load_judge
-    from upbeat.models import load_policy, set_threads
+    from upbeat.models import load_policy, resolve_bf16, set_threads
     from upbeat.rewards import RewardSpec, load_scorer
 
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     set_threads(0)
     model, tok = load_policy(args.policy)
+    if resolve_bf16("auto", None, "evaluate.bf16"):  # as evaluate samples
+        bf16_for_inference(model)
     tweets = read_packaged(None, max_field_chars=10_000)
     prompts = make_prompts(
         tweets["text"].astype(str).tolist(), tok, args.pairs * args.candidates, 2, 8, args.seed
@@ -78,17 +81,17 @@ def main() -> None:
         return d.mean(), w.mean() if len(w) else float("nan"), (d & wrong[chosen]).mean()
 
     print(f"{args.pairs} pairs shown of {len(prompts)} candidates; gold margin {args.margin}")
-    print(f"{'strategy':10} {'gold decides':>13} {'reward wrong':>13} {'useful pairs':>13}")
+    print(f"{'strategy':10} {'gold decides':>13} {'reward not right':>17} {'useful pairs':>13}")
     for strategy in ("gap", "disagree"):
         chosen = select(priorities(r_a, r_b, g_a, g_b, strategy), args.pairs)
         d, w, u = figures(chosen)
-        print(f"{strategy:10} {d:13.2f} {w:13.2f} {u:13.2f}")
+        print(f"{strategy:10} {d:13.2f} {w:17.2f} {u:13.2f}")
     draws = [
         figures(select(priorities(r_a, r_b, g_a, g_b, "random", seed), args.pairs))
         for seed in range(args.repeats)
     ]
     d, w, u = (float(np.nanmean(col)) for col in zip(*draws, strict=True))
-    print(f"{'random':10} {d:13.2f} {w:13.2f} {u:13.2f}  (mean of {args.repeats} draws)")
+    print(f"{'random':10} {d:13.2f} {w:17.2f} {u:13.2f}  (mean of {args.repeats} draws)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

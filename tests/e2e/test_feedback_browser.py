@@ -40,6 +40,7 @@ CLICKS = ["a", "b", "tie", "both_bad", "skip", "a", "b", "a", "b", "tie"]
 
 
 def test_rate_twenty_pairs_by_keyboard_and_click(tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -62,7 +63,8 @@ def test_rate_twenty_pairs_by_keyboard_and_click(tmp_path):
 
     limits = ("--votes-per-minute", "600", "--burst", "30")  # faster than a person reads
     with serving(tmp_path / "page", db, *limits) as (url, _), chromium() as driver:
-        wait = WebDriverWait(driver, 30)
+        # the page is replaced after every vote: an element read mid-navigation is retried
+        wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
         driver.get(f"{url}/")  # not logged in: the login page
         wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(token)
         driver.find_element(By.ID, "login-button").click()
@@ -74,6 +76,8 @@ def test_rate_twenty_pairs_by_keyboard_and_click(tmp_path):
         assert driver.execute_script("return window.pwned") is None
 
         def current_pair() -> int:
+            """The pair on the page, once its shortcuts are live (a key sent before is lost)."""
+            wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#vote[data-keys=ready]")))
             return int(driver.find_element(By.NAME, "pair").get_attribute("value"))
 
         def rated() -> int:

@@ -1,5 +1,6 @@
-"""A rating server SIGKILLed while 10 raters vote loses no acknowledged vote and corrupts nothing,
-on sqlite and on PostgreSQL; a restarted server carries on from the same database."""
+"""A rating server SIGKILLed while 10 raters vote (after 100 acknowledged votes) loses no
+acknowledged vote and corrupts nothing, on sqlite and on PostgreSQL; a restarted server carries
+on from the same database."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from upbeat.feedback.client import RaterClient
 from upbeat.feedback.store import Store
 
 RATERS = 10
-VOTING_SECONDS = 3.0
+KILL_AFTER = 100  # acknowledged votes before the kill (raters keep voting meanwhile)
+DEADLINE = 180.0  # bound on logging in and on reaching KILL_AFTER, on a busy machine
 LIMITS = ("--votes-per-minute", "100000", "--burst", "1000")
 
 
@@ -44,14 +46,17 @@ def test_sigkill_under_load_loses_no_acknowledged_vote(db_url, tmp_path):
     lock = threading.Lock()
     stop_voting = threading.Event()
     errors: list[str] = []
+    logged_in = threading.Barrier(RATERS + 1)
 
     def rater(i: int) -> None:
         try:
             client = RaterClient(url, tokens[i], timeout=10)
         except Exception as exc:  # recorded: the test fails on it
             errors.append(repr(exc))
+            logged_in.abort()
             return
         try:
+            logged_in.wait(timeout=DEADLINE)
             while not stop_voting.is_set():
                 pair = client.next_pair()
                 if pair is None:
@@ -71,7 +76,10 @@ def test_sigkill_under_load_loses_no_acknowledged_vote(db_url, tmp_path):
     try:
         for t in threads:
             t.start()
-        time.sleep(VOTING_SECONDS)
+        logged_in.wait(timeout=DEADLINE)
+        deadline = time.monotonic() + DEADLINE
+        while len(acknowledged) < KILL_AFTER and time.monotonic() < deadline:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)  # mid-vote: requests are in flight
         proc.wait(10)
         stop_voting.set()
@@ -82,7 +90,7 @@ def test_sigkill_under_load_loses_no_acknowledged_vote(db_url, tmp_path):
         stop_voting.set()
         stop(proc)
     assert not errors, errors[:3]
-    assert len(acknowledged) > 50, "too few votes before the kill to test anything"
+    assert len(acknowledged) >= KILL_AFTER, "too few votes before the kill to test anything"
 
     recorded = {(v["rater"], v["pair_id"]) for v in store.export()}
     assert set(acknowledged) <= recorded  # every acknowledged vote survived

@@ -26,4 +26,5 @@ document.addEventListener("DOMContentLoaded", () => {
       send(button);
     }
   });
+  form.dataset.keys = "ready"; // the shortcuts work from here on (the browser test waits for it)
 });
