@@ -5,9 +5,11 @@ DVC's Python API reads the repository relative to the current directory and a st
 stoppable as a process group of its own (`flows.processes`). Each answers by its exit code (0:
 done) and a small JSON result written to the file named by its last argument; its output is
 DVC's own log lines, streamed into the run's log and never parsed:
-- `plan RESULT`: the stage order (DVC's own graph, `Repo.index.graph`, the one `dvc repro` walks;
-  dependencies first, `dvc.yaml` order among stages that do not depend on each other), what
-  `dvc status` reports stale, and the default remote;
+- `plan RESULT`: first the rating page's votes exported to the file the `feedback` stage depends
+  on (same bytes unless a vote is new), then the stage order (DVC's own graph,
+  `Repo.index.graph`, the one `dvc repro` walks; dependencies first, `dvc.yaml` order among
+  stages that do not depend on each other), what `dvc status` reports stale, and the default
+  remote;
 - `repro STAGE RESULT`: `dvc repro --single-item STAGE` through DVC's API (its CLI prints a
   `dvc push` hint after every stage); the result says whether it ran, or how it failed;
 - `push REMOTE RESULT`: `dvc push --remote REMOTE`; the result says how many files went up.
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ class Plan:
     stale: list[str]  # what `dvc status` reports changed
     remote: str | None = None  # DVC's default remote (`core.remote`), None when none is set
     remote_url: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the run should warn about
 
     def must_run(self, stage: str, ran: set[str]) -> bool:
         """A stage runs if DVC finds it changed or a stage it depends on ran in this flow (its
@@ -126,10 +129,24 @@ def start_plan(root: Path) -> Callable[[], Plan]:
 # --- the subprocess side: `python -m flows.pipeline QUESTION ... RESULT` -------------------------
 
 
+def _export_votes_cwd() -> list[str]:
+    """Votes in SQL are invisible to DVC until exported; an unreachable rating database must not
+    stop a retrain (the run uses the last export, and the next run takes the new votes)."""
+    from upbeat.feedback.store import export_for_run
+
+    try:
+        export_for_run(Path("."))
+    except Exception as exc:  # any database or file error: say it, keep the last export
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"feedback votes not exported ({first}); this run uses the last export"]
+    return []
+
+
 def _plan_cwd() -> dict[str, Any]:
     import networkx as nx
     from dvc.repo import Repo
 
+    notes = _export_votes_cwd()
     with Repo(".") as repo:
         index = repo.index
         position = {stage: i for i, stage in enumerate(index.stages)}
@@ -145,6 +162,7 @@ def _plan_cwd() -> dict[str, Any]:
             "stale": sorted(repo.status()),
             "remote": remote,
             "remote_url": repo.config["remote"].get(remote, {}).get("url") if remote else None,
+            "notes": notes,
         }
 
 

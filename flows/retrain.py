@@ -417,6 +417,8 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
     logger = _log()
     client, parent = open_parent_run(root)  # while DVC plans in its subprocess
     pipeline = planned()
+    for note in pipeline.notes:
+        logger.warning(note)
     logger.info("stages: %s", " → ".join(pipeline.order))
     env = stage_env(root, parent)
     results: dict[str, str] = {}

@@ -615,16 +615,6 @@ def _feedback_store() -> Any:
         return Store(database_url(project()))
 
 
-def _dvc_vars(root: Path) -> dict[str, Any]:
-    import yaml
-
-    found: dict[str, Any] = {}
-    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
-        if isinstance(entry, dict):
-            found.update(entry)
-    return found
-
-
 @feedback_app.callback(invoke_without_command=True)
 def feedback_default(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
@@ -684,13 +674,14 @@ def feedback_generate(
     root = project()
     from upbeat.config import load_params
     from upbeat.feedback.pairs import STRATEGIES, generate
+    from upbeat.feedback.store import dvc_vars
 
     if strategy not in STRATEGIES:
         raise fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     store = _feedback_store()
     with user_errors():
         params = load_params(root / "params.yaml")
-        paths = _dvc_vars(root)  # the pipeline's paths, as dvc.yaml states them
+        paths = dvc_vars(root)  # the pipeline's paths, as dvc.yaml states them
         with console.status("sampling and scoring candidate pairs"):
             rows = generate(
                 params,
@@ -726,11 +717,12 @@ def feedback_simulate(
     """A simulated rater: a scorer the policy never trained against votes through the page."""
     root = project()
     from upbeat.feedback.simulate import rate
+    from upbeat.feedback.store import dvc_vars
     from upbeat.judge import load_judge
     from upbeat.rewards import load_spec
 
     with user_errors():
-        spec = load_spec(root / _dvc_vars(root)["reward_spec"])
+        spec = load_spec(root / dvc_vars(root)["reward_spec"])
         with console.status(f"loading {gold}"):
             scorer = load_judge(gold, spec)  # refuses the reward's own scorer
         given = rate(url, token, scorer, votes=votes, margin=margin)
@@ -742,11 +734,12 @@ def feedback_export() -> None:
     """Write the votes to the file the `feedback` stage depends on (unchanged bytes when no vote
     is new, so DVC re-runs nothing); the flow runs this before it plans."""
     root = project()
-    from upbeat.feedback.store import export_votes
+    from upbeat.feedback.store import export_for_run
 
     with user_errors():
-        out = root / _dvc_vars(root)["feedback_votes"]
-        changed, n = export_votes(root, out)
+        if (done := export_for_run(root)) is None:
+            raise fail("dvc.yaml names no `feedback_votes` path: this pipeline has no feedback stage")
+        out, changed, n = done
     what = "updated" if changed else "unchanged"
     console.print(f"{out.relative_to(root)}: {n} votes ({what})", highlight=False)
 

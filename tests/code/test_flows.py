@@ -83,6 +83,34 @@ def test_plan_names_a_broken_pipeline(tmp_path):
         pipeline.plan(repo)
 
 
+def test_plan_exports_the_votes_first_and_a_database_it_cannot_reach_is_a_note(
+    tmp_path, monkeypatch
+):
+    repo = dvc_repo(
+        tmp_path,
+        """
+        vars:
+          - feedback_votes: feedback/votes.parquet
+        stages:
+          feedback:
+            cmd: cp feedback/votes.parquet pairs.parquet
+            deps: [feedback/votes.parquet]
+            outs: [pairs.parquet]
+        """,
+    )
+    monkeypatch.delenv("UPBEAT_FEEDBACK_DB", raising=False)
+    plan = pipeline.plan(repo)  # no vote yet: an empty export the stage can depend on
+    votes = repo / "feedback" / "votes.parquet"
+    assert votes.is_file() and plan.notes == [] and plan.stale == ["feedback"]
+    exported = votes.read_bytes()
+
+    monkeypatch.setenv("UPBEAT_FEEDBACK_DB", "postgresql://nobody@127.0.0.1:1/feedback")
+    plan = pipeline.plan(repo)  # the team's rating database is down: the run goes on
+    assert votes.read_bytes() == exported
+    (note,) = plan.notes
+    assert note.startswith("feedback votes not exported (") and "uses the last export" in note
+
+
 def test_project_stage_order_is_the_pipeline():
     # Every stage, once, in the order the flow runs them: a renamed, dropped or added stage fails.
     assert pipeline.plan(ROOT).order == [

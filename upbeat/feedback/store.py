@@ -139,6 +139,27 @@ def export_votes(root: Path, out: Path) -> tuple[bool, int]:
     return write_table(votes_table(rows), out), len(rows)
 
 
+def export_for_run(root: Path) -> tuple[Path, bool, int] | None:
+    """Export to the path dvc.yaml's `feedback_votes` names: (that path, changed, votes); None
+    for a pipeline without the feedback stage."""
+    if (name := dvc_vars(root).get("feedback_votes")) is None:
+        return None
+    out = root / name
+    changed, n = export_votes(root, out)
+    return out, changed, n
+
+
+def dvc_vars(root: Path) -> dict[str, Any]:
+    """dvc.yaml's `vars` (the one place a stage's paths are written)."""
+    import yaml
+
+    found: dict[str, Any] = {}
+    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
+        if isinstance(entry, dict):
+            found.update(entry)
+    return found
+
+
 def database_url(root: Path) -> str:
     """`UPBEAT_FEEDBACK_DB` if set (team mode), else the project's sqlite file."""
     if url := os.environ.get(DB_ENV):
