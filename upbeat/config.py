@@ -248,6 +248,9 @@ class EvaluateParams(_Block):
 class RegisterParams(_Block):
     model_name: str
     """Registered model name in the MLflow registry."""
+    reward_model_name: str
+    """Registered name of the learned reward model (`reward.kind: learned`) the policy trained
+    against; each new set of reward weights becomes a version of it."""
 
 
 class GateParams(_Block):

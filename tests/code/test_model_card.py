@@ -179,7 +179,9 @@ def test_card_inputs_come_from_dvc_lock_params_and_the_sample_table(tmp_path: Pa
         "third,x,y,0,0\n"
     )
     params = load_params(ROOT / "params.yaml")
-    card = model_card.load_card_inputs(tmp_path, params, METRICS, samples, "abc", n_samples=2)
+    card = model_card.load_card_inputs(
+        tmp_path, params, METRICS, samples, "abc", n_samples=2, reward_version="upbeat-reward/3"
+    )
     assert card.data == {
         "data/raw/tweets.parquet": "aaa",
         "data/clean/train.parquet": "bbb",
@@ -189,7 +191,11 @@ def test_card_inputs_come_from_dvc_lock_params_and_the_sample_table(tmp_path: Pa
     assert card.samples[1]["after"] == "d\ne"
     assert card.base_model == params.policy.base
     assert card.params["ppo"]["steps"] == params.ppo.steps and set(card.params) == {"sft", "ppo"}
-    assert card.reward == f"vader: {params.reward.vader_score}" and card.judge == "lexicon"
+    assert card.reward == (
+        "learned: packaged:minilm-l6 + scalar head, registered as upbeat-reward/3"
+    )
+    assert card.judge == "lexicon"
+    assert "trained on labelled tweets" in model_card.render(card, "1")
     assert model_card.data_hashes(tmp_path / "absent.lock") == {}
 
 

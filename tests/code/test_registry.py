@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from upbeat import registry
@@ -205,3 +207,30 @@ def test_alias_never_moves_to_a_version_without_files(register):
     assert str(registry.champion_version(NAME).version) == v2
     assert registry.champion_history(NAME) == [v1, v2]
     assert registry._client().get_model_version(NAME, v2).tags.get("rollback.at") is None
+
+
+# --- the learned reward model ------------------------------------------------------------------
+
+
+def test_reward_model_registered_once_per_weights_with_metrics_and_data_md5(tmp_path):
+    import mlflow
+
+    head = tmp_path / "reward"
+    head.mkdir()
+    (head / "head.safetensors").write_bytes(b"weights")
+    spec = {"kind": "learned", "weights_sha256": "ab" * 32, "train_data_md5": "cd" * 16,
+            "backbone": "packaged:minilm-l6"}  # fmt: skip
+    scores = {"reward/roc_auc": 0.9, "human/roc_auc": 0.8}
+    first = registry.register_reward(head, spec, scores, "test-reward")
+    assert registry.register_reward(head, spec, scores, "test-reward") == first  # same weights
+    retrained = {**spec, "weights_sha256": "ef" * 32}
+    second = registry.register_reward(head, retrained, {}, "test-reward")
+    assert int(second) == int(first) + 1
+    found = registry.reward_versions("test-reward")
+    assert [v["version"] for v in found] == [second, first]
+    assert found[1]["metrics"] == scores and found[1]["train_data_md5"] == "cd" * 16
+    source = mlflow.MlflowClient().get_model_version("test-reward", first).source
+    files = sorted(p.name for p in Path(mlflow.artifacts.download_artifacts(source)).iterdir())
+    assert files == ["head.safetensors", "reward_spec.json"]
+    with pytest.raises(UpbeatError, match="only a learned reward"):
+        registry.register_reward(head, {"kind": "vader"}, {}, "test-reward")
