@@ -258,6 +258,9 @@ class GateParams(_Block):
     """Must beat the champion's value of the same metric."""
     min_judge_delta: float
     """The independent judge's before→after delta must exceed this (reward-hacking alarm)."""
+    min_judge_share_delta: float = Field(ge=-1, le=1)
+    """The judge's share of positive continuations must rise by more than this (0–1): a mean can
+    rise on a few extreme scores while most continuations stay negative."""
     max_kl: float = Field(gt=0)
     """KL(after ‖ before) per sequence, in nats, must stay under this."""
     min_distinct_2: float = Field(ge=0, le=1)

@@ -45,6 +45,7 @@ HISTORY_TAG = "champion.history"
 METRIC_PREFIX = "metric."
 # The gate's fixed checks read these evaluate metrics (see upbeat/evaluate.py).
 JUDGE_DELTA = "delta/judge_mean"
+JUDGE_SHARE_DELTA = "delta/judge_positive_share"
 KL = "after/kl_mean"
 DISTINCT_2 = "after/distinct_2"
 TAG_LIMIT = 5000  # MLflow's limit on a tag value
@@ -93,6 +94,7 @@ def gate(
 
     bounds = (
         (JUDGE_DELTA, ">", params.min_judge_delta),
+        (JUDGE_SHARE_DELTA, ">", params.min_judge_share_delta),
         (KL, "<", params.max_kl),
         (DISTINCT_2, ">", params.min_distinct_2),
     )

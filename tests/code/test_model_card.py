@@ -29,6 +29,9 @@ METRICS = {
     "delta/judge_mean": 0.04,
     "delta/judge_mean_ci_low": -0.01,
     "delta/judge_mean_ci_high": 0.09,
+    "before/judge_positive_share": 0.3,
+    "after/judge_positive_share": 0.45,
+    "delta/judge_positive_share": 0.15,
     "before/distinct_2": 0.8,
     "after/distinct_2": 0.7,
     "after/kl_mean": 2.125,
@@ -56,7 +59,13 @@ CARD = CardInputs(
     reward="vader: compound",
     judge="lexicon",
 )
-GATE = GateParams(metric="after/reward_mean", min_judge_delta=0.0, max_kl=6.0, min_distinct_2=0.2)
+GATE = GateParams(
+    metric="after/reward_mean",
+    min_judge_delta=0.0,
+    min_judge_share_delta=0.1,
+    max_kl=6.0,
+    min_distinct_2=0.2,
+)
 
 
 def section(md: str, heading: str) -> str:

@@ -10,14 +10,23 @@ from upbeat import registry
 from upbeat.config import GateParams
 from upbeat.errors import UpbeatError
 
-GATE = GateParams(metric="after/reward_mean", min_judge_delta=0.0, max_kl=6.0, min_distinct_2=0.2)
+GATE = GateParams(
+    metric="after/reward_mean",
+    min_judge_delta=0.0,
+    min_judge_share_delta=0.1,
+    max_kl=6.0,
+    min_distinct_2=0.2,
+)
 NAME = "test-policy"
 
 
-def metrics(reward: float, judge_delta: float = 0.1, kl: float = 2.0, d2: float = 0.5) -> dict:
+def metrics(
+    reward: float, judge_delta: float = 0.1, kl: float = 2.0, d2: float = 0.5, share: float = 0.2
+) -> dict:
     return {
         "after/reward_mean": reward,
         "delta/judge_mean": judge_delta,
+        "delta/judge_positive_share": share,
         "after/kl_mean": kl,
         "after/distinct_2": d2,
     }
@@ -30,7 +39,7 @@ def test_gate_first_model_passes_when_bounds_hold():
     decision = registry.gate(metrics(0.3), None, GATE)
     assert decision.passed
     assert decision.reasons[0].startswith("pass: no champion yet")
-    assert len(decision.reasons) == 4
+    assert len(decision.reasons) == 5
 
 
 def test_gate_must_beat_champion():
@@ -44,6 +53,7 @@ def test_gate_must_beat_champion():
     ("kwargs", "failing"),
     [
         ({"judge_delta": -0.05}, "delta/judge_mean"),  # reward up, judge down: reward hacking
+        ({"share": 0.05}, "delta/judge_positive_share"),  # judge's mean up, few more positive
         ({"kl": 9.0}, "after/kl_mean"),
         ({"d2": 0.05}, "after/distinct_2"),  # mode collapse
         ({"kl": float("nan")}, "after/kl_mean"),
@@ -59,7 +69,7 @@ def test_gate_bounds(kwargs, failing):
 def test_gate_missing_metric_fails():
     decision = registry.gate({"after/reward_mean": 0.5}, None, GATE)
     assert not decision.passed
-    assert sum(r.startswith("FAIL") for r in decision.reasons) == 3
+    assert sum(r.startswith("FAIL") for r in decision.reasons) == 4
 
 
 # --- registry on a real sqlite store -----------------------------------------------------------

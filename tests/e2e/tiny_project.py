@@ -46,6 +46,7 @@ TINY_PARAMS = [
     "evaluate.n_samples_table=5",
     # random tiny weights: the gate's bounds are opened so the first model can become champion
     "gate.min_judge_delta=-2.0",
+    "gate.min_judge_share_delta=-1.0",
     "gate.max_kl=1000.0",
     "gate.min_distinct_2=0.0",
 ]
