@@ -71,9 +71,11 @@ def main() -> None:
         metrics["reward/texts_per_s"] = len(scores) / (time.perf_counter() - started)
         metrics["reward/eval_texts"] = float(len(scores))
         human = read_human_rated()
+        human = human.sample(n=min(p.max_human_examples, len(human)), random_state=0)
         human_scores = scorer(human["text"].tolist())
         for key, value in agreement(human_scores, human["target"].to_numpy()).items():
             metrics[key.replace("reward/", "human/")] = value
+        metrics["human/eval_texts"] = float(len(human))
         if isinstance(scorer, LearnedScorer):
             polar = labelled["target"].isin([0, 4]).to_numpy()
             logits = scorer.logits(labelled["text"][polar].tolist())

@@ -154,6 +154,9 @@ class RewardParams(_Block):
     """Texts scored per batch."""
     max_eval_examples: int = Field(ge=1)
     """Labelled eval tweets used to check the reward agrees with human labels."""
+    max_human_examples: int = Field(ge=1)
+    """VADER's human-rated tweets (4,200) scored to check agreement with people; fewer: a seeded
+    sample."""
     learned: LearnedRewardParams | None = None
     """How the reward stage trains the reward model, for `kind: learned`."""
 

@@ -117,6 +117,7 @@ def load_judge(kind: str, reward: RewardSpec) -> Judge:
             normalise="prob",
             batch_size=32,
             max_eval_examples=1,
+            max_human_examples=1,
         )
         return load_scorer(build_spec(params))
     raise UpbeatError(

@@ -132,6 +132,16 @@ def test_retrain_story(harness, project, env):
     promoted = yaml.safe_load((project / "reports" / "promote.json").read_text())
     assert promoted["passed"] is True, promoted["reasons"]
     assert registry_state() == ("1", 1)
+    # the learned reward model is registered with its metrics and data version, and named by the
+    # policy version trained against it
+    from upbeat import registry
+
+    (reward,) = registry.reward_versions("upbeat-reward")
+    spec = yaml.safe_load((project / "models" / "reward_spec.json").read_text())
+    assert reward["train_data_md5"] == spec["train_data_md5"] and spec["kind"] == "learned"
+    assert {"reward/roc_auc", "human/roc_auc", "reward/ece"} <= set(reward["metrics"])
+    assert registry.status("upbeat-policy")["champion"]["reward"] == "upbeat-reward/1"
+    assert "registered as upbeat-reward/1" in registry.read_card("upbeat-policy", "1")
     metrics = yaml.safe_load((project / "reports" / "evaluate.json").read_text())
     assert {"before/reward_mean", "after/kl_mean", "delta/judge_mean_ci_low"} <= set(metrics)
     for png in ("scores_hist.png", "ppo_curve.png", "reward_vs_kl.png"):
