@@ -1,6 +1,7 @@
 """Reward-model backbones measured: quality on held-out tweets per CPU-minute of training.
 
     python benchmarks/reward_model.py [--n-train 4000] [--n-eval 1000] [--backbones ngram minilm]
+    python benchmarks/reward_model.py --spec models/reward_spec.json   # the reward stage's model
 
 Each candidate is trained on the same labelled rows the reward stage uses (`labelled_train`: the
 train side of clean's split, without the judge's half) and checked on the same held-out tweets
@@ -11,6 +12,12 @@ train side of clean's split, without the judge's half) and checked on the same h
   the scalar head of upbeat/reward_model.py;
 - `smollm2`: the policy's own SmolLM2-135M trunk frozen, mean-pooled final hidden states, the same
   head (InstructGPT's choice without training top blocks; on fewer rows, it is ~10x the compute).
+
+With `--spec`, the reward the reward stage wrote is measured against VADER instead: can a word
+list satisfy it (held-out negative tweets with lexicon bait words appended: the share each reward
+then calls positive, and the mean score gain in units of the reward's own spread), and what it
+costs per PPO batch (64 continuations of 16 tokens; wall and CPU seconds, to set beside the PPO
+step time).
 
 Prints, per candidate: training CPU seconds (process time: robust to other load on a shared
 machine) and wall seconds, scoring throughput (texts/s, wall, and per CPU-second), accuracy,
@@ -130,6 +137,47 @@ def report(fit_clock, score_clock, n, logits, evals, human_logits, human) -> dic
     }
 
 
+BAIT = ("thanks", "lucky", "love", "good", "lol", "thanks lol love good")
+
+
+def against_vader(spec_path: str, n_eval: int) -> None:
+    from upbeat.evaluate import share_positive
+    from upbeat.judge import load_judge
+    from upbeat.rewards import load_scorer, load_spec
+
+    params = load_params()
+    raw = read_packaged(None, max_field_chars=10_000)
+    evals = labelled_eval(raw, params.clean, n_eval)
+    negative = evals.loc[evals["target"] == 0, "text"].tolist()
+    spec = load_spec(spec_path)
+    vader_spec = spec.model_copy(update={"kind": "vader", "vader_score": "compound"})
+    scorers = {"learned": load_scorer(spec), "vader": load_scorer(vader_spec)}
+    scorers["judge"] = load_judge("lexicon", spec)
+    print(f"{len(negative)} held-out negative tweets; bait appended at the end")
+    for name, scorer in scorers.items():
+        base = scorer(negative)
+        spread = float(np.std(scorer(evals["text"].tolist())))
+        cells = [f"positive share {share_positive(base):.3f} as written"]
+        for bait in BAIT:
+            baited = scorer([f"{t} {bait}" for t in negative])
+            gain = float(np.mean(baited - base)) / spread
+            cells.append(f"+{bait!r}: {share_positive(baited):.3f} (gain {gain:+.2f} sd)")
+        print(f"{name}: " + "; ".join(cells))
+    words = " ".join(negative).split()
+    rng = np.random.default_rng(0)
+    batch = [" ".join(rng.choice(words, 12)) for _ in range(64)]  # ~16 tokens each
+    for name in ("learned", "vader"):
+        scorer = scorers[name]
+        scorer(batch)  # warm-up
+        with Clock() as clock:
+            for _ in range(5):
+                scorer(batch)
+        print(
+            f"{name}: a PPO batch of 64 continuations scored in {clock.wall / 5:.3f} s wall, "
+            f"{clock.cpu / 5:.3f} s CPU"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n-train", type=int, default=4000)
@@ -137,7 +185,11 @@ def main() -> None:
     parser.add_argument("--n-human", type=int, default=1000, help="human-rated tweets scored")
     parser.add_argument("--backbones", nargs="+", default=["ngram", "minilm", "smollm2"])
     parser.add_argument("--smollm2-n-train", type=int, default=1500, help="its own, smaller cap")
+    parser.add_argument("--spec", help="measure this reward spec against VADER (bait, cost)")
     args = parser.parse_args()
+    if args.spec:
+        against_vader(args.spec, args.n_eval)
+        return
 
     params = load_params()
     raw = read_packaged(None, max_field_chars=10_000)

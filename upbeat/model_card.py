@@ -34,6 +34,7 @@ METRIC_ROWS = (
     ("judge positive share", "judge_positive_share", False),
     ("perplexity under SFT", "perplexity", False),
     ("distinct-2", "distinct_2", False),
+    ("bait-word rate", "bait_rate", False),
     ("length (words)", "length_mean", False),
 )
 # Words VADER's lexicon scores as positive whatever the sentence means: what PPO learns to add.
