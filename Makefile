@@ -40,6 +40,7 @@ bench: install          ## benchmarks: print figures and ratios
 	$(PY) benchmarks/data_stages.py
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/ppo.py
+	$(PY) benchmarks/reward_model.py
 	$(PY) benchmarks/noop_run.py
 	$(PY) benchmarks/stack.py
 

@@ -1,21 +1,35 @@
-"""DVC stage `reward`: resolve the reward function into a spec and check it against human labels.
+"""DVC stage `reward`: build the reward function (training it for `kind: learned`), write its spec
+and check it against human labels.
 
 The cleaned splits hold only the SFT subset (`clean.keep_targets`, negatives by default), so the
 labelled check re-applies clean's rules to the raw table with every target kept and uses the eval
 side of clean's id-hash split: the same cleaned text, held out the same way, with all labels.
+A learned reward model trains on the train side of that split, without the judge's half of the
+ids; it is also checked on VADER's human-rated tweets, which nothing here trains on.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+
+import pandas as pd
 
 from upbeat.config import load_params
 from upbeat.data.check import require_passing
-from upbeat.data.clean import labelled_eval
-from upbeat.data.sources import load_canonical
+from upbeat.data.clean import labelled_eval, labelled_train
+from upbeat.data.sources import load_canonical, read_human_rated
 from upbeat.errors import exit_on_user_error
-from upbeat.rewards import agreement, build_spec, load_scorer, save_spec
+from upbeat.reward_model import calibration
+from upbeat.rewards import (
+    LearnedScorer,
+    agreement,
+    build_spec,
+    load_scorer,
+    save_spec,
+    train_learned,
+)
 from upbeat.tracking import log_metrics, stage_run, write_json
 
 
@@ -25,28 +39,56 @@ def main() -> None:
     parser.add_argument("--labelled", required=True, help="canonical table with all targets")
     parser.add_argument("--verdict", required=True, help="validate's verdict JSON")
     parser.add_argument("--out", required=True, help="reward spec JSON to write")
+    parser.add_argument("--model-out", required=True, help="directory for a learned model's head")
+    parser.add_argument("--pairs", help="preference pairs Parquet (prompt, chosen, rejected)")
     parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
     args = parser.parse_args()
 
     params = load_params()
+    p = params.reward
     require_passing(args.verdict)
-    labelled = labelled_eval(
-        load_canonical(args.labelled), params.clean, params.reward.max_eval_examples
-    )
-    with stage_run("reward", params.reward.model_dump()):
-        spec = build_spec(params.reward)
+    raw = load_canonical(args.labelled)
+    labelled = labelled_eval(raw, params.clean, p.max_eval_examples)
+    metrics: dict[str, float] = {}
+    with stage_run("reward", p.model_dump()):
+        Path(args.model_out).mkdir(parents=True, exist_ok=True)
+        if p.kind == "learned":
+            assert p.learned is not None
+            train = labelled_train(raw, params.clean, p.learned.max_train_examples, p.learned.seed)
+            pairs = pd.read_parquet(args.pairs) if args.pairs else None
+            started = time.perf_counter()
+            spec, fit = train_learned(p, train, pairs, args.model_out)
+            metrics["reward/train_seconds"] = time.perf_counter() - started
+            metrics["reward/train_texts"] = float(fit.n_labelled)
+            metrics["reward/train_pairs"] = float(fit.n_pairs)
+        else:
+            spec = build_spec(p)
+            (Path(args.model_out) / "kind.txt").write_text(f"{p.kind}: no trained weights\n")
         scorer = load_scorer(spec)
         started = time.perf_counter()
         scores = scorer(labelled["text"].tolist())
-        metrics = agreement(scores, labelled["target"].to_numpy())
+        metrics.update(agreement(scores, labelled["target"].to_numpy()))
         metrics["reward/texts_per_s"] = len(scores) / (time.perf_counter() - started)
         metrics["reward/eval_texts"] = float(len(scores))
+        human = read_human_rated()
+        human = human.sample(n=min(p.max_human_examples, len(human)), random_state=0)
+        human_scores = scorer(human["text"].tolist())
+        for key, value in agreement(human_scores, human["target"].to_numpy()).items():
+            metrics[key.replace("reward/", "human/")] = value
+        metrics["human/eval_texts"] = float(len(human))
+        if isinstance(scorer, LearnedScorer):
+            polar = labelled["target"].isin([0, 4]).to_numpy()
+            logits = scorer.logits(labelled["text"][polar].tolist())
+            positive = labelled["target"].to_numpy()[polar] == 4
+            metrics.update({f"reward/{k}": v for k, v in calibration(logits, positive).items()})
         save_spec(spec, args.out)
         write_json(args.metrics, metrics)
         log_metrics(metrics)
     print(
         f"reward: {spec.kind} agrees with the labels: accuracy {metrics['reward/accuracy']:.3f}, "
-        f"ROC AUC {metrics['reward/roc_auc']:.3f} on {len(scores)} held-out tweets"
+        f"ROC AUC {metrics['reward/roc_auc']:.3f} on {len(scores)} held-out tweets; "
+        f"human-rated: accuracy {metrics['human/accuracy']:.3f}, "
+        f"ROC AUC {metrics['human/roc_auc']:.3f} on {len(human)} tweets"
     )
 
 

@@ -74,6 +74,11 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.build_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
 # --- stories: a module whose tests are ordered steps on shared state (`pytestmark = story`) ------
 
 _failed_step: dict[str, str] = {}  # module → its first failed step

@@ -117,3 +117,24 @@ def build_tiny_classifier(
     BertForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def build_tiny_encoder(path: Path, seed: int = 0) -> Path:
+    """A 1-block BERT encoder (the learned reward's backbone's shape) saved as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -323,7 +323,8 @@ def status(
             metrics = Table(
                 "metric",
                 "value",
-                title=f"champion: {info['model']} v{champ['version']} ({champ['how']})",
+                title=f"champion: {info['model']} v{champ['version']} ({champ['how']}; "
+                f"reward {champ['reward']})",
             )
             for key in sorted(champ["metrics"]):
                 if key.startswith(("after/", "delta/")) and "_ci_" not in key:
@@ -340,13 +341,44 @@ def status(
                 )
         if info["versions"]:
             versions = Table(
-                "version", "aliases", "gate passed", "registered", title="latest versions"
+                "version",
+                "aliases",
+                "gate passed",
+                "reward",
+                "registered",
+                title="latest versions",
             )
             for v in info["versions"]:
                 versions.add_row(
-                    v["version"], ", ".join(v["aliases"]), v["gate"], v["registered_at"]
+                    v["version"],
+                    ", ".join(v["aliases"]),
+                    v["gate"],
+                    v["reward"],
+                    v["registered_at"],
                 )
             console.print(versions)
+        from upbeat.config import load_params
+
+        reward_name = load_params(root / "params.yaml").register.reward_model_name
+        if found_rewards := registry.reward_versions(reward_name):
+            rewards = Table(
+                "version",
+                "held-out AUC",
+                "human AUC",
+                "training data md5",
+                "registered",
+                title=f"reward model {reward_name}",
+            )
+            for v in found_rewards:
+                auc, human = v["metrics"].get("reward/roc_auc"), v["metrics"].get("human/roc_auc")
+                rewards.add_row(
+                    v["version"],
+                    "-" if auc is None else f"{auc:.3f}",
+                    "-" if human is None else f"{human:.3f}",
+                    v["train_data_md5"],
+                    v["registered_at"],
+                )
+            console.print(rewards)
 
 
 @app.command()

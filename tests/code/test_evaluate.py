@@ -166,3 +166,16 @@ def test_evaluate_policies_reports_each_sampled_batch_and_samples_as_one_call_do
         "evaluate: scoring",
         "evaluate: log-probs for KL and perplexity",
     ]
+
+
+def test_bait_words_are_what_the_reward_likes_alone_and_the_rate_counts_texts():
+    from upbeat.evaluate import bait_rate, bait_words
+
+    def reward(texts):  # likes "thanks" and "lol" alone, nothing else
+        return np.array([0.9 if t in ("thanks", "lol") else 0.0 for t in texts])
+
+    texts = ["Thanks! for nothing", "i hate mondays", "so tired lol", "fine"]
+    bait = bait_words(reward, texts, 0.4)
+    assert bait == {"thanks", "lol"}
+    assert bait_rate(texts, bait) == 0.5 and bait_rate(["no bait here"], bait) == 0.0
+    assert bait_words(reward, [], 0.4) == set() and np.isnan(bait_rate([], bait))

@@ -72,3 +72,32 @@ def test_hf_judge_finds_labels_by_name_as_the_reward_does(tmp_path):
     reward = build_spec(load_params(ROOT / "params.yaml", overrides).reward)
     picked = (judge.spec.positive_label, judge.spec.negative_label)
     assert picked == (reward.positive_label, reward.negative_label) == ("positive", "negative")
+
+
+def test_judge_and_learned_reward_share_no_rows_and_no_model_family(tmp_path):
+    """The judge is the alarm PPO never sees: the learned reward trains on the other half of the
+    labelled ids (and never on the agreement check's held-out rows), and is another model family."""
+    from upbeat.data.clean import labelled_eval, labelled_train
+    from upbeat.data.sources import read_packaged
+    from upbeat.judge import judge_rows
+
+    params = load_params(ROOT / "params.yaml")
+    raw = read_packaged(None, max_field_chars=10_000)  # the default profile's ingest source
+    reward_rows = labelled_train(raw, params.clean, n=len(raw), seed=0)
+    judged = judge_rows()
+    held_out = labelled_eval(raw, params.clean, n=len(raw))
+    assert len(reward_rows) > 10_000 and len(judged) > 15_000
+    assert set(reward_rows["id"]).isdisjoint(judged["id"])
+    assert set(reward_rows["id"]).isdisjoint(held_out["id"])
+    # By text too: the raw text of every reward row (ids are a hash of it) is not the judge's.
+    raw_text = raw.set_index("id")["text"]
+    assert set(raw_text.loc[reward_rows["id"]]).isdisjoint(judged["text"])
+    for target in (0, 4):  # both halves keep both classes
+        assert (reward_rows["target"] == target).sum() > 1000
+        assert (judged["target"] == target).sum() > 1000
+    # Different families: the judge is n-gram TF-IDF + logistic regression, the reward a
+    # transformer encoder with a scalar head.
+    judge = load_judge("lexicon", VADER)
+    assert type(judge.pipeline.steps[0][1]).__name__ == "TfidfVectorizer"
+    assert params.reward.kind == "learned" and params.reward.learned is not None
+    assert params.reward.learned.backbone == "packaged:minilm-l6"

@@ -29,6 +29,9 @@ METRICS = {
     "delta/judge_mean": 0.04,
     "delta/judge_mean_ci_low": -0.01,
     "delta/judge_mean_ci_high": 0.09,
+    "before/judge_positive_share": 0.3,
+    "after/judge_positive_share": 0.45,
+    "delta/judge_positive_share": 0.15,
     "before/distinct_2": 0.8,
     "after/distinct_2": 0.7,
     "after/kl_mean": 2.125,
@@ -56,7 +59,13 @@ CARD = CardInputs(
     reward="vader: compound",
     judge="lexicon",
 )
-GATE = GateParams(metric="after/reward_mean", min_judge_delta=0.0, max_kl=6.0, min_distinct_2=0.2)
+GATE = GateParams(
+    metric="after/reward_mean",
+    min_judge_delta=0.0,
+    min_judge_share_delta=0.1,
+    max_kl=6.0,
+    min_distinct_2=0.2,
+)
 
 
 def section(md: str, heading: str) -> str:
@@ -179,7 +188,9 @@ def test_card_inputs_come_from_dvc_lock_params_and_the_sample_table(tmp_path: Pa
         "third,x,y,0,0\n"
     )
     params = load_params(ROOT / "params.yaml")
-    card = model_card.load_card_inputs(tmp_path, params, METRICS, samples, "abc", n_samples=2)
+    card = model_card.load_card_inputs(
+        tmp_path, params, METRICS, samples, "abc", n_samples=2, reward_version="upbeat-reward/3"
+    )
     assert card.data == {
         "data/raw/tweets.parquet": "aaa",
         "data/clean/train.parquet": "bbb",
@@ -189,7 +200,11 @@ def test_card_inputs_come_from_dvc_lock_params_and_the_sample_table(tmp_path: Pa
     assert card.samples[1]["after"] == "d\ne"
     assert card.base_model == params.policy.base
     assert card.params["ppo"]["steps"] == params.ppo.steps and set(card.params) == {"sft", "ppo"}
-    assert card.reward == f"vader: {params.reward.vader_score}" and card.judge == "lexicon"
+    assert card.reward == (
+        "learned: packaged:minilm-l6 + scalar head, registered as upbeat-reward/3"
+    )
+    assert card.judge == "lexicon"
+    assert "trained on labelled tweets" in model_card.render(card, "1")
     assert model_card.data_hashes(tmp_path / "absent.lock") == {}
 
 

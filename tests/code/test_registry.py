@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -10,14 +11,23 @@ from upbeat import registry
 from upbeat.config import GateParams
 from upbeat.errors import UpbeatError
 
-GATE = GateParams(metric="after/reward_mean", min_judge_delta=0.0, max_kl=6.0, min_distinct_2=0.2)
+GATE = GateParams(
+    metric="after/reward_mean",
+    min_judge_delta=0.0,
+    min_judge_share_delta=0.1,
+    max_kl=6.0,
+    min_distinct_2=0.2,
+)
 NAME = "test-policy"
 
 
-def metrics(reward: float, judge_delta: float = 0.1, kl: float = 2.0, d2: float = 0.5) -> dict:
+def metrics(
+    reward: float, judge_delta: float = 0.1, kl: float = 2.0, d2: float = 0.5, share: float = 0.2
+) -> dict:
     return {
         "after/reward_mean": reward,
         "delta/judge_mean": judge_delta,
+        "delta/judge_positive_share": share,
         "after/kl_mean": kl,
         "after/distinct_2": d2,
     }
@@ -30,7 +40,7 @@ def test_gate_first_model_passes_when_bounds_hold():
     decision = registry.gate(metrics(0.3), None, GATE)
     assert decision.passed
     assert decision.reasons[0].startswith("pass: no champion yet")
-    assert len(decision.reasons) == 4
+    assert len(decision.reasons) == 5
 
 
 def test_gate_must_beat_champion():
@@ -44,6 +54,7 @@ def test_gate_must_beat_champion():
     ("kwargs", "failing"),
     [
         ({"judge_delta": -0.05}, "delta/judge_mean"),  # reward up, judge down: reward hacking
+        ({"share": 0.05}, "delta/judge_positive_share"),  # judge's mean up, few more positive
         ({"kl": 9.0}, "after/kl_mean"),
         ({"d2": 0.05}, "after/distinct_2"),  # mode collapse
         ({"kl": float("nan")}, "after/kl_mean"),
@@ -59,7 +70,7 @@ def test_gate_bounds(kwargs, failing):
 def test_gate_missing_metric_fails():
     decision = registry.gate({"after/reward_mean": 0.5}, None, GATE)
     assert not decision.passed
-    assert sum(r.startswith("FAIL") for r in decision.reasons) == 3
+    assert sum(r.startswith("FAIL") for r in decision.reasons) == 4
 
 
 # --- lineage -------------------------------------------------------------------------------------
@@ -235,3 +246,30 @@ def test_alias_never_moves_to_a_version_without_files(register):
     assert str(registry.champion_version(NAME).version) == v2
     assert registry.champion_history(NAME) == [v1, v2]
     assert registry._client().get_model_version(NAME, v2).tags.get("rollback.at") is None
+
+
+# --- the learned reward model ------------------------------------------------------------------
+
+
+def test_reward_model_registered_once_per_weights_with_metrics_and_data_md5(tmp_path):
+    import mlflow
+
+    head = tmp_path / "reward"
+    head.mkdir()
+    (head / "head.safetensors").write_bytes(b"weights")
+    spec = {"kind": "learned", "weights_sha256": "ab" * 32, "train_data_md5": "cd" * 16,
+            "backbone": "packaged:minilm-l6"}  # fmt: skip
+    scores = {"reward/roc_auc": 0.9, "human/roc_auc": 0.8}
+    first = registry.register_reward(head, spec, scores, "test-reward")
+    assert registry.register_reward(head, spec, scores, "test-reward") == first  # same weights
+    retrained = {**spec, "weights_sha256": "ef" * 32}
+    second = registry.register_reward(head, retrained, {}, "test-reward")
+    assert int(second) == int(first) + 1
+    found = registry.reward_versions("test-reward")
+    assert [v["version"] for v in found] == [second, first]
+    assert found[1]["metrics"] == scores and found[1]["train_data_md5"] == "cd" * 16
+    source = mlflow.MlflowClient().get_model_version("test-reward", first).source
+    files = sorted(p.name for p in Path(mlflow.artifacts.download_artifacts(source)).iterdir())
+    assert files == ["head.safetensors", "reward_spec.json"]
+    with pytest.raises(UpbeatError, match="only a learned reward"):
+        registry.register_reward(head, {"kind": "vader"}, {}, "test-reward")

@@ -41,8 +41,10 @@ def test_vader_scores_known_sentences_in_the_right_direction(variant: str) -> No
 
 def test_vader_variants_differ() -> None:
     text = ["good but also bad and sad"]
-    compound = load_scorer(build_spec(reward_params(vader_score="compound")))(text)
-    pos_neg = load_scorer(build_spec(reward_params(vader_score="pos_minus_neg")))(text)
+    compound = load_scorer(build_spec(reward_params(kind="vader", vader_score="compound")))(text)
+    pos_neg = load_scorer(build_spec(reward_params(kind="vader", vader_score="pos_minus_neg")))(
+        text
+    )
     assert compound[0] != pytest.approx(pos_neg[0])
 
 

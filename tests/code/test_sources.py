@@ -235,3 +235,19 @@ def test_utf16_inside_a_zip_is_refused_too(tmp_path):
         zf.writestr(SENTIMENT140_MEMBER, s140_text().encode("utf-16"))
     with pytest.raises(DataError, match=r"the text is UTF-16 \(byte-order mark\)"):
         read_sentiment140(zpath, 1000)
+
+
+def test_human_rated_tweets_read_with_their_sign_as_label(tmp_path):
+    from upbeat.data.sources import read_human_rated
+
+    human = read_human_rated()
+    assert len(human) == 4200 and set(human["target"]) == {0, 2, 4}
+    assert (human["target"] == 4).sum() == 2897 and (human["target"] == 0).sum() == 1299
+    assert not human["text"].str.contains("&amp;").any()  # entities unescaped as clean does
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t0.5\tfine\n2\tabc\tnot a rating\n")
+    with pytest.raises(DataError, match="line 2: rating 'abc'"):
+        read_human_rated(bad)
+    bad.write_text("1\t0.5\n")
+    with pytest.raises(DataError, match="line 1: expected 3 tab-separated fields, got 2"):
+        read_human_rated(bad)

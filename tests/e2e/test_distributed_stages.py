@@ -69,6 +69,7 @@ def project(tmp_path: Path, tiny_llama: Path) -> Path:
         steps=PPO_STEPS, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
         prompt_max_tokens=4, checkpoint_every=2, train_top_blocks=1, processes=2,
     )  # fmt: skip
+    params["reward"]["kind"] = "vader"  # the stage's mechanics; a learned reward: test_flow.py
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     texts = [f"{t} number {i}" for i, t in enumerate(tiny.CORPUS)]
     save_canonical(canonical(texts[:40]), tmp_path / "train.parquet")

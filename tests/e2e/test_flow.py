@@ -133,6 +133,16 @@ def test_retrain_story(harness, project, env):
     promoted = yaml.safe_load((project / "reports" / "promote.json").read_text())
     assert promoted["passed"] is True, promoted["reasons"]
     assert registry_state() == ("1", 1)
+    # the learned reward model is registered with its metrics and data version, and named by the
+    # policy version trained against it
+    from upbeat import registry
+
+    (reward,) = registry.reward_versions("upbeat-reward")
+    spec = yaml.safe_load((project / "models" / "reward_spec.json").read_text())
+    assert reward["train_data_md5"] == spec["train_data_md5"] and spec["kind"] == "learned"
+    assert {"reward/roc_auc", "human/roc_auc", "reward/ece"} <= set(reward["metrics"])
+    assert registry.status("upbeat-policy")["champion"]["reward"] == "upbeat-reward/1"
+    assert "registered as upbeat-reward/1" in registry.read_card("upbeat-policy", "1")
     metrics = yaml.safe_load((project / "reports" / "evaluate.json").read_text())
     assert {"before/reward_mean", "after/kl_mean", "delta/judge_mean_ci_low"} <= set(metrics)
     for png in ("scores_hist.png", "ppo_curve.png", "reward_vs_kl.png"):
@@ -180,13 +190,17 @@ def test_retrain_story(harness, project, env):
     assert registry_state() == ("1", 1)
 
     # 4. data-driven: new tweets land in the same file of the drop folder (no parameter changes);
-    # they are positive only, so SFT's negative split is unchanged and sft/ppo/evaluate skip.
+    # they are positive only, so SFT's negative split is unchanged and sft skips; the learned
+    # reward trains on every label, so it trains again, and so does PPO against it: the new
+    # policy version names the new reward version.
     drop = project / "inputs" / "tweets.csv"
     tweets_csv(project / "more.csv", 40, start=300, targets=(4,))
     drop.write_bytes(drop.read_bytes() + (project / "more.csv").read_bytes())
     ran = {s for s, r in rf.retrain(project=str(project)).items() if r == "ran"}
-    assert ran == {"ingest", "validate", "clean", "reward"}
-    assert registry_state() == ("1", 1)
+    assert ran == set(ALL) - {"sft"}
+    assert registry_state()[1] == 2
+    assert [v["version"] for v in registry.reward_versions("upbeat-reward")] == ["2", "1"]
+    assert registry.status("upbeat-policy")["versions"][0]["reward"] == "upbeat-reward/2"
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(harness, project, env):

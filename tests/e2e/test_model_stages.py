@@ -40,13 +40,14 @@ def stage(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def project(tmp_path: Path, tiny_llama: Path) -> Path:
+def project(tmp_path: Path, tiny_llama: Path, tiny_encoder: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["policy"]["base"] = str(tiny_llama)
     params["sft"].update(
         max_train_examples=16, max_eval_examples=8, batch_size=8, warmup_steps=1, train_top_blocks=1
     )
-    params["reward"]["max_eval_examples"] = 1000
+    params["reward"].update(max_eval_examples=1000, max_human_examples=50)
+    params["reward"]["learned"]["backbone"] = str(tiny_encoder)
     params["clean"]["eval_fraction"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     texts = [f"{t} number {i}" for i, t in enumerate(tiny.CORPUS)]
@@ -78,7 +79,11 @@ def test_sft_stage_missing_input_is_one_clear_line(project: Path) -> None:
     assert not (project / "models/sft").exists()
 
 
-def test_reward_stage_writes_spec_and_agreement(project: Path) -> None:
+@pytest.mark.parametrize("kind", ["vader", "learned"])
+def test_reward_stage_writes_spec_and_agreement(project: Path, kind: str) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["reward"]["kind"] = kind
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     happy = ["i love this so much, what a great day", "thanks for the lovely gift, best friend"]
     sad = ["this is the worst day ever, i hate it", "so sad and angry, everything is terrible"]
     texts = [f"{t} {i}" for i in range(20) for t in happy + sad]
@@ -86,15 +91,23 @@ def test_reward_stage_writes_spec_and_agreement(project: Path) -> None:
     save_canonical(canonical(texts, targets), project / "raw.parquet")
     (project / "verdict.json").write_text('{"success": true}')
     args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
-    args += ["--out", "models/reward_spec.json", "--metrics", "reports/reward.json"]
-    proc = stage("reward", args, project)
+    args += ["--out", "models/reward_spec.json", "--model-out", "models/reward"]
+    proc = stage("reward", [*args, "--metrics", "reports/reward.json"], project)
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((project / "models/reward_spec.json").read_text())
-    assert spec["kind"] == "vader" and spec["vader_score"] == "compound"
     metrics = json.loads((project / "reports/reward.json").read_text())
-    assert metrics["reward/accuracy"] == 1.0 and metrics["reward/roc_auc"] == 1.0
+    assert metrics["reward/roc_auc"] == 1.0 and metrics["human/eval_texts"] == 50
     assert metrics["reward/mean_pos"] > 0 > metrics["reward/mean_neg"]
     assert 0 < metrics["reward/eval_texts"] < 80  # the eval side of clean's split only
+    if kind == "vader":
+        assert spec["kind"] == "vader" and spec["vader_score"] == "compound"
+        assert metrics["reward/accuracy"] == 1.0
+        return
+    assert spec["kind"] == "learned" and spec["model"] == "models/reward"
+    assert (project / "models/reward/head.safetensors").is_file() and spec["weights_sha256"]
+    # trained on the train side without the judge's half: a quarter-ish of the 80 rows
+    assert 5 < metrics["reward/train_texts"] < 60 and metrics["reward/train_pairs"] == 0
+    assert 0 <= metrics["reward/ece"] <= 1 and 0 <= metrics["reward/brier"] <= 1
 
 
 def test_reward_stage_bad_label_mapping_fails_clearly(project: Path) -> None:
@@ -106,6 +119,7 @@ def test_reward_stage_bad_label_mapping_fails_clearly(project: Path) -> None:
     save_canonical(raw, project / "raw.parquet")
     (project / "verdict.json").write_text('{"success": true}')
     args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
+    args += ["--model-out", "reward"]
     proc = stage("reward", [*args, "--out", "spec.json", "--metrics", "reward.json"], project)
     assert proc.returncode == 1 and "['joy', 'anger']" in proc.stderr
     assert not (project / "spec.json").exists()
@@ -117,6 +131,7 @@ def test_reward_stage_refuses_data_that_failed_validation(project: Path) -> None
     )
     (project / "verdict.json").write_text('{"success": false, "summary": "target: 12 rows"}')
     args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
+    args += ["--model-out", "reward"]
     proc = stage("reward", [*args, "--out", "spec2.json", "--metrics", "reward2.json"], project)
     assert proc.returncode == 1 and "failed validation" in proc.stderr
     assert "target: 12 rows" in proc.stderr and not (project / "spec2.json").exists()

@@ -36,6 +36,7 @@ def run_stage(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
 def project(tmp_path: Path, tiny_llama: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["policy"]["num_threads"] = 1
+    params["reward"]["kind"] = "vader"  # the stage's mechanics; a learned reward: test_flow.py
     params["ppo"].update(
         steps=3, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
         prompt_max_tokens=4, checkpoint_every=2, train_top_blocks=1,

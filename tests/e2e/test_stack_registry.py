@@ -43,6 +43,7 @@ PROJECT_PARAMS = [
     "evaluate.max_new_tokens=4",
     # random tiny weights: the gate's bounds are opened so the first version becomes champion
     "gate.min_judge_delta=-2.0",
+    "gate.min_judge_share_delta=-1.0",
     "gate.max_kl=1000.0",
     "gate.min_distinct_2=0.0",
 ]

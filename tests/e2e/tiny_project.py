@@ -31,6 +31,8 @@ TINY_PARAMS = [
     "sft.max_eval_examples=16",
     "sft.train_top_blocks=1",
     "reward.max_eval_examples=64",
+    "reward.max_human_examples=64",
+    "reward.learned.backbone=tiny/encoder",
     "ppo.steps=2",
     "ppo.batch_size=8",
     "ppo.minibatch_size=4",
@@ -46,6 +48,7 @@ TINY_PARAMS = [
     "evaluate.n_samples_table=5",
     # random tiny weights: the gate's bounds are opened so the first model can become champion
     "gate.min_judge_delta=-2.0",
+    "gate.min_judge_share_delta=-1.0",
     "gate.max_kl=1000.0",
     "gate.min_distinct_2=0.0",
 ]
@@ -90,6 +93,7 @@ def make_project(dest: Path, extra_params: list[str] = ()) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
     tiny.build_tiny_llama(dest / "tiny" / "llama")
+    tiny.build_tiny_encoder(dest / "tiny" / "encoder")
     tweets_csv(dest / "inputs" / "tweets.csv", 300)  # the drop folder ingest depends on
     apply_overrides(dest / "params.yaml", [*TINY_PARAMS, *extra_params])
     git(dest, "init", "-q")

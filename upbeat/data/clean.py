@@ -42,6 +42,7 @@ LATIN1_ONLY_REGEX = f"^[{chr(1)}-{chr(0xFF)}]*$"
 # Salts make the split and the sample independent hashes of the same id.
 SPLIT_SALT = 0x5EED_5A17_0000_0001
 SAMPLE_SALT = 0x5A4D_F1E0_0000_0002
+JUDGE_SALT = 0x1D6E_5EED_0000_0003
 
 
 def _arrow(text: pd.Series | pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -120,6 +121,12 @@ def in_sample(ids: pd.Series | np.ndarray, fraction: float, seed: int) -> np.nda
     if fraction >= 1.0:
         return np.ones(len(ids), dtype=bool)
     return unit_hash(ids, SAMPLE_SALT ^ (seed & 0xFFFF_FFFF_FFFF_FFFF)) < fraction
+
+
+def judge_side(ids: pd.Series | np.ndarray) -> np.ndarray:
+    """True for the half of the labelled ids the judge trains on; the learned reward model trains
+    only on the other half, so PPO never sees a reward fitted to the judge's own rows."""
+    return unit_hash(ids, JUDGE_SALT) < 0.5
 
 
 def repair_mojibake(text: pd.Series) -> tuple[pd.Series, int]:
@@ -269,3 +276,14 @@ def labelled_eval(raw: pd.DataFrame, params: CleanParams, n: int) -> pd.DataFram
     )
     held_out = clean_tweets(raw, every_target).eval
     return held_out.sample(n=min(n, len(held_out)), random_state=params.seed)
+
+
+def labelled_train(raw: pd.DataFrame, params: CleanParams, n: int, seed: int) -> pd.DataFrame:
+    """Up to `n` cleaned tweets of every target for the learned reward model: the train side of
+    clean's split (never `labelled_eval`'s rows) without the judge's half (`judge_side`)."""
+    every_target = params.model_copy(
+        update={"keep_targets": sorted(int(t) for t in raw["target"].unique())}
+    )
+    train = clean_tweets(raw, every_target).train
+    train = train[~judge_side(train["id"])]
+    return train.sample(n=min(n, len(train)), random_state=seed).reset_index(drop=True)

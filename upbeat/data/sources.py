@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import html
 import importlib.util
 import io
 import shutil
@@ -489,3 +490,31 @@ __all__ = [
     "save_canonical",
     "summarise",
 ]
+
+
+# --------------------------------------------------------------------------- human-rated check set
+
+# VADER's 4,200 tweets, each rated by 20 people from -4 to +4 (Hutto & Gilbert 2014; MIT), copied
+# from the vaderSentiment 3.3.2 sdist: the wheel leaves it out, and stages must run offline.
+HUMAN_RATED = Path(__file__).with_name("vader_tweets_groundtruth.tsv")
+
+
+def read_human_rated(path: str | Path = HUMAN_RATED) -> pd.DataFrame:
+    """`id<TAB>mean rating<TAB>text` rows -> `text`, `rating`, `target` (4 if the rating is above
+    0, 0 below, 2 at 0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: the human-rated tweets are missing; reinstall upbeat")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise DataError(f"{path}: line {n}: expected 3 tab-separated fields, got {len(parts)}")
+        try:
+            rating = float(parts[1])
+        except ValueError:
+            raise DataError(f"{path}: line {n}: rating {parts[1]!r} is not a number") from None
+        rows.append((html.unescape(parts[2]), rating))
+    frame = pd.DataFrame(rows, columns=["text", "rating"])
+    frame["target"] = np.select([frame["rating"] > 0, frame["rating"] < 0], [4, 0], 2)
+    return frame

@@ -1,0 +1,157 @@
+"""The learned reward model: it learns toy sets from labels and from pairs, saves and loads the
+same, refuses missing or truncated weights in one line, and shares no rows with the judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from upbeat.config import load_params
+from upbeat.errors import ModelLoadError, UpbeatError
+from upbeat.reward_model import Encoder, calibration, fit_head, pair_frame, train_reward_model
+from upbeat.rewards import LearnedScorer, load_scorer, load_spec, save_spec, train_learned
+
+ROOT = Path(__file__).resolve().parents[2]
+HAPPY = [
+    "i love this so much, what a great day",
+    "feeling happy and thankful for my friends",
+    "what a wonderful morning, the sun is out",
+    "thanks for the lovely gift, best friend",
+]
+SAD = [
+    "this is the worst day ever, i hate it",
+    "so sad and tired of everything today",
+    "my phone broke again and i am angry",
+    "bad news, the concert is cancelled",
+]
+
+
+def learned_params(backbone: Path, **changes):
+    overrides = {"reward.kind": "learned", "reward.learned.backbone": str(backbone)}
+    overrides.update({f"reward.{k}": v for k, v in changes.items()})
+    return load_params(ROOT / "params.yaml", overrides).reward
+
+
+def clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two separable Gaussian clusters in 8 dims: (positives, negatives)."""
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.zeros(8)
+    shift[0] = 3.0
+    return torch.randn(n, 8, generator=g) + shift, torch.randn(n, 8, generator=g) - shift
+
+
+def test_head_learns_a_separable_labelled_set() -> None:
+    pos, neg = clusters(50, 0)
+    labels = np.r_[np.ones(50), np.zeros(50)]
+    fit = fit_head(torch.cat([pos, neg]), labels, None, None, l2=1e-4, pair_weight=1.0)
+    test_pos, test_neg = clusters(50, 1)
+    assert (fit.head(test_pos) > 0).float().mean() > 0.95
+    assert (fit.head(test_neg) < 0).float().mean() > 0.95
+    assert fit.history[-1] < fit.history[0] and (fit.n_labelled, fit.n_pairs) == (100, 0)
+
+
+def test_head_learns_from_pairs_alone() -> None:
+    chosen, rejected = clusters(50, 0)
+    fit = fit_head(None, None, chosen, rejected, l2=1e-4, pair_weight=1.0)
+    test_chosen, test_rejected = clusters(50, 1)
+    assert (fit.head(test_chosen) > fit.head(test_rejected)).float().mean() > 0.95
+    assert (fit.n_labelled, fit.n_pairs) == (0, 50)
+
+
+def test_pairs_move_the_score_labels_alone_would_not() -> None:
+    # Labels separate on dim 0 only; pairs prefer dim 1: the head must use both.
+    pos, neg = clusters(50, 0)
+    labels = np.r_[np.ones(50), np.zeros(50)]
+    chosen, rejected = torch.zeros(30, 8), torch.zeros(30, 8)
+    chosen[:, 1], rejected[:, 1] = 1.0, -1.0
+    alone = fit_head(torch.cat([pos, neg]), labels, None, None, l2=1e-3, pair_weight=1.0)
+    both = fit_head(torch.cat([pos, neg]), labels, chosen, rejected, l2=1e-3, pair_weight=1.0)
+    assert both.head.weight[0, 1] > alone.head.weight[0, 1] + 0.5
+
+
+def test_training_needs_data_and_both_classes() -> None:
+    with pytest.raises(UpbeatError, match="labelled texts or preference pairs"):
+        fit_head(None, None, None, None, l2=0.0, pair_weight=1.0)
+    with pytest.raises(UpbeatError, match="both positives and negatives"):
+        fit_head(torch.ones(3, 4), np.ones(3), None, None, l2=0.0, pair_weight=1.0)
+
+
+def test_pair_frame_takes_trl_columns_and_names_what_is_missing() -> None:
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c", "rater": "x"}]
+    assert list(pair_frame(rows).columns) == ["prompt", "chosen", "rejected", "rater"]
+    assert len(pair_frame(None)) == 0
+    with pytest.raises(UpbeatError, match=r"missing \['rejected'\]"):
+        pair_frame([{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(UpbeatError, match="row 0: `chosen` is empty"):
+        pair_frame(pd.DataFrame({"prompt": ["a"], "chosen": [None], "rejected": ["c"]}))
+
+
+def test_tiny_reward_model_learns_toy_texts_labelled_and_pairwise(tiny_encoder: Path) -> None:
+    encoder = Encoder(str(tiny_encoder), max_length=32, batch_size=4)
+    texts, targets = [*HAPPY, *SAD, "the bus leaves"], [4] * 4 + [0] * 4 + [2]
+    labelled = pd.DataFrame({"text": texts, "target": targets})
+    fit = train_reward_model(encoder, labelled, None, l2=0.0)
+    assert fit.n_labelled == 8  # the neutral row is left out
+    scores = fit.head(encoder(HAPPY + SAD)).squeeze(-1)
+    assert (scores[:4] > 0).all() and (scores[4:] < 0).all()
+    pairs = [{"prompt": "", "chosen": h, "rejected": s} for h, s in zip(HAPPY, SAD, strict=True)]
+    fit = train_reward_model(encoder, None, pairs, l2=0.0)
+    assert (fit.head(encoder(HAPPY)) > fit.head(encoder(SAD))).all()
+
+
+def test_save_load_round_trip_scores_the_same(tiny_encoder: Path, tmp_path: Path) -> None:
+    params = learned_params(tiny_encoder)
+    labelled = pd.DataFrame({"text": HAPPY + SAD, "target": [4] * 4 + [0] * 4})
+    spec, fit = train_learned(params, labelled, None, tmp_path / "reward")
+    save_spec(spec, tmp_path / "spec.json")
+    loaded = load_spec(tmp_path / "spec.json")
+    assert loaded == spec and loaded.kind == "learned" and loaded.train_data_md5
+    scorer = load_scorer(loaded)
+    assert isinstance(scorer, LearnedScorer)
+    expected = fit.head(Encoder(str(tiny_encoder), 64, 8)(HAPPY + SAD)).squeeze(-1).double()
+    np.testing.assert_allclose(scorer.logits(HAPPY + SAD), expected.numpy(), rtol=1e-5)
+    scores = scorer(HAPPY + SAD)
+    np.testing.assert_allclose(scores, 2 / (1 + np.exp(-expected.numpy())) - 1, rtol=1e-5)
+    assert ((scores > -1) & (scores < 1)).all() and (scores[:4] > scores[4:].max()).all()
+    np.testing.assert_array_equal(load_scorer(load_spec(tmp_path / "spec.json"))(SAD), scores[4:])
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "replaced"])
+def test_damaged_weights_fail_in_one_line_naming_the_file(
+    tiny_encoder: Path, tmp_path: Path, damage: str
+) -> None:
+    params = learned_params(tiny_encoder)
+    labelled = pd.DataFrame({"text": HAPPY + SAD, "target": [4] * 4 + [0] * 4})
+    spec, _ = train_learned(params, labelled, None, tmp_path / "reward")
+    weights = tmp_path / "reward" / "head.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-10])
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as err:
+        load_scorer(spec)
+    message = str(err.value)
+    assert "\n" not in message and str(weights) in message and "dvc repro reward" in message
+
+
+def test_learned_kind_needs_its_block() -> None:
+    from upbeat.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reward\.learned must be set"):
+        load_params(ROOT / "params.yaml", {"reward.kind": "learned", "reward.learned": None})
+
+
+def test_calibration_by_hand() -> None:
+    # σ(0) = 0.5 for both rows, one positive: Brier 0.25, one bin with mean 0.5 vs 0.5: ECE 0.
+    assert calibration(np.zeros(2), np.array([True, False])) == {"brier": 0.25, "ece": 0.0}
+    # σ(±∞)-like logits, always right: Brier and ECE near 0.
+    got = calibration(np.array([20.0, -20.0]), np.array([True, False]))
+    assert got["brier"] < 1e-12 and got["ece"] < 1e-8
