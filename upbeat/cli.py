@@ -770,7 +770,7 @@ def feedback_export() -> None:
 
     with user_errors():
         if (done := export_for_run(root)) is None:
-            raise fail("dvc.yaml names no `feedback_votes` path: this pipeline has no feedback stage")
+            raise fail("dvc.yaml names no `feedback_votes` path: no feedback stage here")
         out, changed, n = done
     what = "updated" if changed else "unchanged"
     console.print(f"{out.relative_to(root)}: {n} votes ({what})", highlight=False)
