@@ -56,6 +56,13 @@ def main() -> None:
             assert p.learned is not None
             train = labelled_train(raw, params.clean, p.learned.max_train_examples, p.learned.seed)
             pairs = pd.read_parquet(args.pairs) if args.pairs else None
+            metrics["reward/pairs_available"] = float(0 if pairs is None else len(pairs))
+            if pairs is not None and len(pairs) < p.learned.min_pairs:
+                print(
+                    f"reward: {len(pairs)} preference pairs, fewer than "
+                    f"reward.learned.min_pairs={p.learned.min_pairs}: labelled tweets alone"
+                )
+                pairs = None
             started = time.perf_counter()
             spec, fit = train_learned(p, train, pairs, args.model_out)
             metrics["reward/train_seconds"] = time.perf_counter() - started

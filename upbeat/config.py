@@ -150,6 +150,9 @@ class LearnedRewardParams(_Block):
     """L2 penalty on the head's weights."""
     pair_weight: float = Field(ge=0)
     """Weight of the preference-pair (Bradley–Terry) loss against the labelled loss."""
+    min_pairs: int = Field(ge=0)
+    """Fewer preference pairs than this: the stage says so and trains on labelled tweets alone
+    (a handful of votes would only add noise)."""
     seed: int
     """Seed for sampling the training tweets."""
 

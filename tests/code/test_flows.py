@@ -118,12 +118,12 @@ def test_project_stage_order_is_the_pipeline():
         "validate",
         "clean",
         "sft",
+        "feedback",  # the reward model trains on its pairs
         "reward",
         "ppo",
         "evaluate",
         "register",
         "promote",
-        "feedback",  # no stage depends on it yet; the reward stage will (then it comes before)
     ]
 
 

@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 from flows import retrain as rf
 
 ALL = [
-    "ingest", "validate", "clean", "sft", "reward", "ppo", "evaluate", "register", "promote",
-    "feedback",
+    "ingest", "validate", "clean", "sft", "feedback", "reward", "ppo", "evaluate", "register",
+    "promote",
 ]  # fmt: skip
 
 
