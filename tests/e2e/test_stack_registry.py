@@ -213,7 +213,8 @@ def test_the_register_stage_puts_the_model_card_on_the_server_registry(
     assert "| `data/raw/tweets.parquet` | `5d41402abc4b2a76b9719d911017c592` |" in card
     assert "| reward mean | 0.050 | 0.250 | +0.200 [+0.100, +0.300] |" in card
     assert "| i miss my | dog so much | dog thanks so lucky |" in card
-    assert "Lexicon-style reward gaming" in card and "`ppo`: steps=" in card
+    assert "Lexicon-style reward gaming" in card
+    assert "`ppo`: learning_rate=" in card and ", steps=150," in card  # the shared keys first
     gate = card.split(model_card.GATE_HEADING, 1)[1].split("\n## ", 1)[0]
     assert "**passed**: made champion" in gate and "champion before: none" in gate
     assert model_card.PENDING not in card
