@@ -78,7 +78,8 @@ def test_generate_command_adds_pairs_from_a_policy(tmp_path, tiny_llama, monkeyp
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(repo / name, project / name)
     params = load_params(project / "params.yaml")
-    save_spec(build_spec(params.reward), project / "models" / "reward_spec.json")
+    vader = params.reward.model_copy(update={"kind": "vader"})  # a learned one needs its stage
+    save_spec(build_spec(vader), project / "models" / "reward_spec.json")
     texts = [f"{tiny.CORPUS[i % 10]} number {i}" for i in range(60)]
     (project / "data" / "clean").mkdir(parents=True)
     pq.write_table(
