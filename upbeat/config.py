@@ -291,7 +291,7 @@ class MonitorParams(_Block):
     cooldown_minutes: float = Field(ge=0)
     """No second firing within this long after one, whatever the figures say."""
     state_dir: str
-    """Where the monitor keeps its state (drops seen, arming, last firing) and the plot over ticks."""
+    """Where the monitor keeps its state (drops seen, arming, last firing) and its plot."""
     seed: int
     """Seed for row sampling, prompt choice, sampling and the domain classifier's folds."""
 
