@@ -419,6 +419,54 @@ def validate(
 
 
 @app.command()
+def monitor(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A drop (file or folder) to check [default: new files in monitor.folder]."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the tick's result here as JSON.")
+    ] = None,
+    event: Annotated[
+        bool,
+        typer.Option(
+            help="On firing, emit the drift event to the Prefect server (PREFECT_API_URL)."
+        ),
+    ] = True,
+) -> None:
+    """One drift-watch tick: new tweets and the champion against its training data; prints one
+    verdict line. Exit 0: no drift (or drift held back by cooldown/hysteresis, or no new data);
+    3: drift that fires a retrain; 1: an error, or every new drop failed validation."""
+    root = project()
+    from upbeat.config import load_params
+
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        from upbeat.monitor import tick
+
+        result = tick(root, params, path, log=lambda line: err.print(line, highlight=False))
+    if report is not None:
+        from upbeat.tracking import write_json
+
+        write_json(report, {**result.__dict__, "payload": result.payload()})
+    if result.fired and event:
+        from flows.monitor import emit_drift
+
+        sent = emit_drift(root, result.payload())
+        if not sent:
+            err.print("[dim]PREFECT_API_URL is not set: no drift event emitted[/]")
+    console.print(f"monitor: {result.verdict}", highlight=False, soft_wrap=True, markup=False)
+    if result.status == "rejected":
+        raise typer.Exit(1)
+    raise typer.Exit(DRIFT_EXIT if result.fired else 0)
+
+
+DRIFT_EXIT = 3  # `upbeat monitor`: a tick fired (1 is an error, 2 a usage error)
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
