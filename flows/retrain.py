@@ -62,7 +62,7 @@ from flows.pipeline import (
     start_plan,
 )
 from flows.processes import prefect_api, run_stoppable, run_streaming, stopping
-from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
+from upbeat.tracking import PARENT_ENV, REASON_ENV  # light: mlflow is imported lazily there
 
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's output carried in the error
@@ -331,6 +331,7 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
             "upbeat.flow": "retrain",
             "prefect.flow_run_id": str(flow_run.get_id() or "-"),
             "git.commit": _git_commit(root),
+            **({"upbeat.retrain_reason": why} if (why := os.environ.get(REASON_ENV)) else {}),
         },
     )
     return client, run.info.run_id
@@ -340,14 +341,19 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", lock_timeout: float = 0) -> dict[str, str] | State:
+def retrain(
+    project: str = ".", lock_timeout: float = 0, reason: str = ""
+) -> dict[str, str] | State:
     """Run every DVC stage in order; returns `{stage: "ran" | "skipped"}`.
 
     `project` is the directory holding `dvc.yaml`; `lock_timeout` is how long to wait for another
     run to finish before refusing (0: refuse at once). A refusal or a failed stage ends the run
     Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no traceback in
     the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it Cancelled.
+    `reason` (e.g. the drift trigger's) is tagged on the MLflow run and put on the model card.
     """
+    if reason:  # the parent run and the register stage (through stage_env) read it
+        os.environ[REASON_ENV] = reason
     root = Path(project).resolve()
     try:
         with run_lock(root, lock_timeout):

@@ -4,13 +4,14 @@ alias `challenger`."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from upbeat.config import load_params
 from upbeat.errors import exit_on_user_error
 from upbeat.model_card import load_card_inputs
 from upbeat.registry import lineage, register_policy
-from upbeat.tracking import project_root, read_json, stage_run, write_json
+from upbeat.tracking import REASON_ENV, project_root, read_json, stage_run, write_json
 
 
 @exit_on_user_error
@@ -28,8 +29,11 @@ def main() -> None:
         metrics = read_json(args.evaluate)
         root = project_root()
         tags = lineage(root, params.model_dump(by_alias=True, exclude={"profiles"}))
+        reason = os.environ.get(REASON_ENV, "")  # set by a retrain run started for a reason
+        if reason:
+            tags["retrain.reason"] = reason
         card = load_card_inputs(
-            root, params, metrics, Path(args.samples), tags["lineage.git_commit"]
+            root, params, metrics, Path(args.samples), tags["lineage.git_commit"], reason=reason
         )
         version = register_policy(args.ppo, name, metrics, tags, card)
         write_json(args.out, {"model_name": name, "version": version, "run_id": run.info.run_id})

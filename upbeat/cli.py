@@ -210,15 +210,21 @@ def deploy(
     pool: Annotated[
         str, typer.Option(help="Work pool whose workers run it (the local stack's: upbeat).")
     ] = "upbeat",
+    monitor_cron: Annotated[
+        str, typer.Option(help="The drift monitor's schedule, in UTC ('': no monitor).")
+    ] = "*/30 * * * *",
 ) -> None:
     """Deploy the retrain flow to a work pool on the Prefect server (PREFECT_API_URL): its
-    workers run it on the schedule, one run at a time."""
+    workers run it on the schedule, one run at a time, and whenever the drift monitor (deployed
+    beside it) fires."""
     root = project()
     from flows.deploy import DeployError
     from flows.deploy import deploy as deploy_flow
 
     try:
-        deployment_id = deploy_flow(root, pool, cron=cron or None, name=name)
+        deployment_id = deploy_flow(
+            root, pool, cron=cron or None, name=name, monitor_cron=monitor_cron or None
+        )
     except DeployError as exc:
         raise fail(str(exc)) from None
     when = f"on cron {cron!r} (UTC)" if cron else "when triggered"
@@ -228,6 +234,13 @@ def deploy(
         highlight=False,
         soft_wrap=True,
     )
+    if monitor_cron:
+        console.print(
+            f"deployed monitor/{name}: a drift tick on cron {monitor_cron!r} (UTC); on drift it "
+            "emits upbeat.drift.detected, which triggers retrain",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"run it now: prefect deployment run 'retrain/{name}'", highlight=False)
 
 

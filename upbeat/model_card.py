@@ -60,6 +60,8 @@ class CardInputs:
     """The reward PPO maximised, e.g. `vader: compound` or `hf: <model>`."""
     judge: str
     """`evaluate.judge`: the independent scorer PPO never saw."""
+    reason: str = ""
+    """Why the retrain run that made it started (a drift trigger's reason), when one was given."""
 
 
 # --- rendering (pure) -----------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def render(card: CardInputs, version: str, gate: str = PENDING) -> str:
         f"# {card.model_name} version {version}",
         "A causal language model tuned to continue tweets positively: supervised fine-tuning on "
         "tweets, then PPO against the reward below. The full card is the version's "
-        f"`{CARD_FILE}` artifact (`{uri}/{CARD_FILE}`).",
+        f"`{CARD_FILE}` artifact (`{uri}/{CARD_FILE}`)."
+        + (f"\n\nRetrained because {cell(card.reason)}." if card.reason else ""),
         "## Base model",
         f"`{card.base_model}` (policy.base); code at git commit `{card.git_commit}`.",
         "## Data",
@@ -245,6 +248,7 @@ def load_card_inputs(
     samples: Path,
     git_commit: str,
     n_samples: int = 3,
+    reason: str = "",
 ) -> CardInputs:
     """A card's inputs from the project: `params` is the loaded `upbeat.config.Params`."""
     reward = params.reward
@@ -258,4 +262,5 @@ def load_card_inputs(
         samples=load_samples(samples, n_samples),
         reward=f"vader: {reward.vader_score}" if reward.kind == "vader" else f"hf: {reward.model}",
         judge=params.evaluate.judge,
+        reason=reason,
     )
