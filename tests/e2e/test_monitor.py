@@ -203,3 +203,31 @@ def test_all_positive_fires_on_the_label_mix_after_the_cooldown(at_project: Path
     assert "labels_psi" in fired
     assert "champion/reward_mean" not in result.metrics  # no negative tweet to cut prompts from
     assert state(at_project)["armed"]["labels_psi"] is False
+
+
+def test_the_monitor_flow_runs_a_tick_and_emits_the_drift_event(at_project: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.monitor import EVENT, monitor
+
+    (at_project / ".upbeat-monitor" / STATE_FILE).unlink(
+        missing_ok=True
+    )  # afresh: armed, no cooldown
+    drop = write_drop(at_project / "sport2.csv", words(SPORT, 300, seed=2), [0, 4] * 150)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = monitor(project=str(at_project), path=str(drop))
+        assert result["fired"], result["verdict"]
+        deadline, events = time.monotonic() + 60, []
+        with get_client(sync_client=True) as client:
+            while not events and time.monotonic() < deadline:
+                # a filter's default window ends when it is made: one per poll
+                wanted = EventFilter(event=EventNameFilter(name=[EVENT]))
+                events = client.read_events(wanted, limit=10).events  # the server's cap is 50
+                time.sleep(1)
+    assert events, f"no {EVENT} event reached the server"
+    payload = events[0].payload
+    assert "domain_auc" in payload["reason"] and payload["champion_version"] == "1"
+    assert payload["figures"]["drift/domain_auc"] > 0.75
+    assert events[0].resource.id == f"upbeat.monitor.{at_project.name}"
