@@ -178,7 +178,8 @@ def load_champion(params: Params, cache: Path) -> Champion:
     """The `@champion` version, its registration figures, and the policy (downloaded once per
     version into `cache`)."""
     from upbeat import registry
-    from upbeat.models import load_policy
+    from upbeat.generation import bf16_for_inference
+    from upbeat.models import load_policy, resolve_bf16, resolve_device, set_threads
 
     name = params.register.model_name
     mv = registry.champion_version(name)
@@ -197,7 +198,12 @@ def load_champion(params: Params, cache: Path) -> Champion:
         policy.rename(target / "policy")
         shutil.rmtree(target / "download", ignore_errors=True)
         done.touch()
-    model, tokenizer = load_policy(str(target / "policy"))
+    device = resolve_device(params.policy.device)
+    if device.type == "cpu":
+        set_threads(params.policy.num_threads)
+    model, tokenizer = load_policy(str(target / "policy"), device=device)
+    if resolve_bf16(params.evaluate.bf16, device, "evaluate.bf16"):  # sampled as evaluate samples
+        bf16_for_inference(model)
     return Champion(
         str(mv.version), registry.version_metrics(mv), dict(mv.tags or {}), model, tokenizer
     )
