@@ -24,7 +24,6 @@ from flows.processes import run_streaming
 
 EVENT = "upbeat.drift.detected"
 RESOURCE = "upbeat.monitor"  # the event's resource id: `upbeat.monitor.<project folder name>`
-DRIFT_EXIT = 3  # `upbeat monitor`'s exit code when a tick fires (upbeat/cli.py)
 
 
 def resource(project: Path) -> dict[str, str]:
@@ -62,6 +61,8 @@ def monitor(project: str = ".", path: str | None = None) -> dict[str, Any] | Sta
     """One tick on `project` (the new drops of `monitor.folder`, or `path`); returns the tick's
     result. A tick that fires emits the drift event; an error fails the run."""
     from prefect.events import emit_event
+
+    from upbeat.cli import DRIFT_EXIT  # light: the CLI imports its heavy parts in its commands
 
     logger = get_run_logger()
     root = Path(project).resolve()
