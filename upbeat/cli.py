@@ -436,7 +436,7 @@ def monitor(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="A drop (file or folder) to check [default: new files in monitor.folder]."
+            help="A drop (file or folder) to check (default: what is new in monitor.folder)."
         ),
     ] = None,
     report: Annotated[
