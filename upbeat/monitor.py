@@ -279,7 +279,9 @@ class TickResult:
         """What the drift event carries: the reason and the figures behind it."""
         return {
             "reason": "; ".join(self.reasons),
-            "figures": {k: v for k, v in self.metrics.items() if k in WATCHED.values()},
+            "figures": {  # finite only: an event's payload is JSON
+                k: v for k, v in self.metrics.items() if k in WATCHED.values() and math.isfinite(v)
+            },
             "champion_version": self.champion,
             "drops": self.drops,
             "monitor_run_id": self.run_id,

@@ -61,3 +61,18 @@ def test_retrain_trigger_fires_on_this_projects_drift_event_and_passes_the_reaso
         "lock_timeout": 0,
         "reason": "drift: {{ event.payload.reason }}",
     }
+
+
+def test_the_event_payload_carries_the_watched_figures_that_are_numbers():
+    result = monitor.TickResult(
+        "checked",
+        "DRIFT",
+        fired=True,
+        metrics={"drift/domain_auc": 0.9, "drift/labels_psi": float("nan"), "drift/length_ks": 0.1},
+        reasons=["domain_auc 0.900 > 0.75"],
+        champion="3",
+    )
+    payload = result.payload()
+    assert payload["reason"] == "domain_auc 0.900 > 0.75"
+    assert payload["figures"] == {"drift/domain_auc": 0.9}
+    assert payload["champion_version"] == "3"
