@@ -480,7 +480,7 @@ def _prompts(current: Any, tokenizer: Any, params: Params) -> list[str]:
     from upbeat.evaluate import make_prompts
 
     cleaned = clean_tweets(current, params.clean)
-    texts = pd_texts(cleaned.train) + pd_texts(cleaned.eval)
+    texts = _texts(cleaned.train) + _texts(cleaned.eval)
     return make_prompts(
         texts,
         tokenizer,
@@ -491,7 +491,7 @@ def _prompts(current: Any, tokenizer: Any, params: Params) -> list[str]:
     )
 
 
-def pd_texts(df: Any) -> list[str]:
+def _texts(df: Any) -> list[str]:
     return df["text"].astype(str).tolist()
 
 
