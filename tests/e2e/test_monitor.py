@@ -29,7 +29,8 @@ import pytest
 from tiny_project import ROOT, tweets_csv
 from typer.testing import CliRunner
 
-from upbeat.cli import DRIFT_EXIT, app
+from flows.monitor import EVENT, emit_drift, monitor  # Prefect's log handlers bind stderr now,
+from upbeat.cli import DRIFT_EXIT, app  # not inside a CliRunner call (whose stream then closes)
 from upbeat.monitor import EXPERIMENT, STATE_FILE
 
 SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", "keeper"]
@@ -209,8 +210,6 @@ def test_the_monitor_flow_runs_a_tick_and_emits_the_drift_event(at_project: Path
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
     from prefect.testing.utilities import prefect_test_harness
-
-    from flows.monitor import EVENT, emit_drift, monitor
 
     (at_project / ".upbeat-monitor" / STATE_FILE).unlink(
         missing_ok=True
