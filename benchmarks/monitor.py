@@ -75,7 +75,8 @@ def main() -> None:
             total, cpu = time.perf_counter() - started, time.process_time() - cpu
             split = ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())
             print(
-                f"tick {label}: {total:.1f} s on {int(result.metrics['monitor/rows'])} rows, "
+                f"tick {label}: {total:.1f} s wall, {cpu:.1f} s CPU (all threads) on "
+                f"{int(result.metrics['monitor/rows'])} rows, "
                 f"{int(result.metrics.get('champion/n_prompts', 0))} prompts"
             )
             print(
