@@ -12,6 +12,11 @@ server, and any worker polling the pool runs it. What the deployment carries:
   server marks a run Crashed when `MISSED_HEARTBEATS` of them are missing (a killed worker or
   machine reports nothing itself). Crashed is terminal, so the concurrency slot is released and
   a waiting run starts; DVC then skips the stages the crashed run finished.
+- retrain on drift: a deployment trigger starts `retrain` when the `monitor` flow (deployed beside
+  it, on its own schedule) emits `upbeat.drift.detected`, passing the event's reason as the run's
+  `reason` (an MLflow tag, and the new version's model card says "retrained because ...").
+  Flapping is the monitor's to prevent (cooldown, hysteresis); a trigger during a run waits for
+  the concurrency slot like any other.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180) would leave a dea
 # live run pass a database restart of a minute; 3 crashed it after ~45 s down (test_team_flow)
 MISSED_HEARTBEATS = 5
 ZOMBIE_AUTOMATION = "upbeat: crash retrain runs that stopped sending heartbeats"
+MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
+MONITOR_CRON = "*/30 * * * *"
+DRIFT_TRIGGER = "upbeat: retrain on drift"
 
 
 class DeployError(RuntimeError):
@@ -40,8 +48,10 @@ def deploy(
     cron: str | None = None,
     name: str = "scheduled",
     heartbeat_seconds: int = HEARTBEAT_SECONDS,
+    monitor_cron: str | None = MONITOR_CRON,
 ) -> UUID:
-    """Create or update the `retrain/<name>` deployment on `pool`; returns its id.
+    """Create or update the `retrain/<name>` deployment on `pool`, with its trigger on drift, and
+    the `monitor/<name>` deployment on `monitor_cron` (None: no monitor); returns retrain's id.
 
     Needs a Prefect server (PREFECT_API_URL): a deployment on a temporary server would vanish
     with it. Re-running it with the same name updates the deployment in place.
@@ -65,6 +75,7 @@ def deploy(
         cron=cron,
         concurrency_limit=1,
         parameters={"project": str(root), "lock_timeout": 0},
+        triggers=[drift_trigger(root)],
         job_variables={
             "working_dir": str(root),
             "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds)},
@@ -74,7 +85,49 @@ def deploy(
     )
     deployment_id = deployment.apply()
     ensure_zombie_automation(heartbeat_seconds * MISSED_HEARTBEATS)
+    if monitor_cron:
+        deploy_monitor(root, pool, monitor_cron, name)
     return deployment_id
+
+
+def drift_trigger(root: Path) -> Any:
+    """Run retrain when this project's monitor emits a drift event, saying why."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import ResourceSpecification
+
+    from flows.monitor import EVENT, resource
+
+    return DeploymentEventTrigger(
+        name=DRIFT_TRIGGER,
+        description="The monitor saw the incoming tweets or the champion drift (its cooldown and "
+        "hysteresis keep this from flapping).",
+        expect={EVENT},
+        match=ResourceSpecification({"prefect.resource.id": resource(root)["prefect.resource.id"]}),
+        threshold=1,
+        parameters={
+            "project": str(root),
+            "lock_timeout": 0,
+            "reason": "drift: {{ event.payload.reason }}",
+        },
+    )
+
+
+def deploy_monitor(root: Path, pool: str, cron: str, name: str) -> UUID:
+    """The `monitor/<name>` deployment: one tick per `cron`, one at a time, in the project."""
+    from prefect import flow
+
+    monitor = flow.from_source(source=str(root), entrypoint=MONITOR_ENTRYPOINT)
+    deployment = monitor.to_deployment(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        concurrency_limit=1,
+        parameters={"project": str(root)},
+        job_variables={"working_dir": str(root)},
+        description="Watch for drift: new tweets and the champion against its training data; "
+        "on drift, emit the event that starts retrain.",
+    )
+    return deployment.apply()
 
 
 def _require_pool(pool: str) -> None:

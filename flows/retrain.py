@@ -65,7 +65,7 @@ from flows.pipeline import (
     start_plan,
 )
 from flows.processes import prefect_api, run_stoppable, run_streaming, stopping
-from upbeat.tracking import git
+from upbeat.tracking import REASON_ENV, git
 
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's output carried in the error
@@ -365,6 +365,7 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
             "prefect.flow_run_id": str(flow_run.get_id() or "-"),
             "git.commit": git(root, "rev-parse", "HEAD") or "unknown",
             **owner_tags(root),
+            **({"upbeat.retrain_reason": why} if (why := os.environ.get(REASON_ENV)) else {}),
         },
     )
     return client, run.info.run_id
@@ -375,7 +376,10 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    project: str = ".", lock_timeout: float = 0, planned: dict[str, Any] | None = None
+    project: str = ".",
+    lock_timeout: float = 0,
+    planned: dict[str, Any] | None = None,
+    reason: str = "",
 ) -> dict[str, str] | State:
     """Run every DVC stage in order; returns `{stage: "ran" | "skipped"}`.
 
@@ -385,9 +389,12 @@ def retrain(
     else the flow asks DVC. A refusal or a failed stage ends
     the run Failed (calling the flow raises `LockHeld`, `PlanError` or `StageFailed`, with no
     traceback in the log); a failed `dvc push` ends it Failed with `PushFailed`; a signal ends it
-    Cancelled.
+    Cancelled. `reason` (e.g. the drift trigger's) is tagged on the MLflow run and put on the
+    model card.
     """
     quiet_refusals()
+    if reason:  # the parent run and the register stage (through stage_env) read it
+        os.environ[REASON_ENV] = reason
     root = Path(project).resolve()
     try:
         with run_lock(root, lock_timeout):

@@ -5,13 +5,14 @@ policy's lineage tags and card name."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from upbeat.config import load_params
 from upbeat.errors import exit_on_user_error
 from upbeat.model_card import load_card_inputs
 from upbeat.registry import REWARD_TAG, lineage, register_policy, register_reward
-from upbeat.tracking import project_root, read_json, stage_run, write_json
+from upbeat.tracking import REASON_ENV, project_root, read_json, stage_run, write_json
 
 
 @exit_on_user_error
@@ -41,6 +42,9 @@ def main() -> None:
         root = project_root()
         tags = lineage(root, params.model_dump(by_alias=True, exclude={"profiles"}))
         tags[REWARD_TAG] = reward_ref
+        reason = os.environ.get(REASON_ENV, "")  # set by a retrain run started for a reason
+        if reason:
+            tags["retrain.reason"] = reason
         card = load_card_inputs(
             root,
             params,
@@ -48,6 +52,7 @@ def main() -> None:
             Path(args.samples),
             tags["lineage.git_commit"],
             reward_version=reward_ref,
+            reason=reason,
         )
         version = register_policy(args.ppo, name, metrics, tags, card)
         write_json(

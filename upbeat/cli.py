@@ -247,15 +247,21 @@ def deploy(
     pool: Annotated[
         str, typer.Option(help="Work pool whose workers run it (the local stack's: upbeat).")
     ] = "upbeat",
+    monitor_cron: Annotated[
+        str, typer.Option(help="The drift monitor's schedule, in UTC ('': no monitor).")
+    ] = "*/30 * * * *",
 ) -> None:
     """Deploy the retrain flow to a work pool on the Prefect server (PREFECT_API_URL): its
-    workers run it on the schedule, one run at a time."""
+    workers run it on the schedule, one run at a time, and whenever the drift monitor (deployed
+    beside it) fires."""
     root = project()
     from flows.deploy import DeployError
     from flows.deploy import deploy as deploy_flow
 
     try:
-        deployment_id = deploy_flow(root, pool, cron=cron or None, name=name)
+        deployment_id = deploy_flow(
+            root, pool, cron=cron or None, name=name, monitor_cron=monitor_cron or None
+        )
     except DeployError as exc:
         raise fail(str(exc)) from None
     when = f"on cron {cron!r} (UTC)" if cron else "when triggered"
@@ -265,6 +271,13 @@ def deploy(
         highlight=False,
         soft_wrap=True,
     )
+    if monitor_cron:
+        console.print(
+            f"deployed monitor/{name}: a drift tick on cron {monitor_cron!r} (UTC); on drift it "
+            "emits upbeat.drift.detected, which triggers retrain",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"run it now: prefect deployment run 'retrain/{name}'", highlight=False)
 
 
@@ -485,6 +498,54 @@ def validate(
     )
     err.print(verdict.get("summary", "(no summary)"), highlight=False, markup=False)
     raise typer.Exit(1)
+
+
+@app.command()
+def monitor(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A drop (file or folder) to check (default: what is new in monitor.folder)."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the tick's result here as JSON.")
+    ] = None,
+    event: Annotated[
+        bool,
+        typer.Option(
+            help="On firing, emit the drift event to the Prefect server (PREFECT_API_URL)."
+        ),
+    ] = True,
+) -> None:
+    """One drift-watch tick: new tweets and the champion against its training data; prints one
+    verdict line. Exit 0: no drift (or drift held back by cooldown/hysteresis, or no new data);
+    3: drift that fires a retrain; 1: an error, or every new drop failed validation."""
+    root = project()
+    from upbeat.config import load_params
+
+    with user_errors():
+        params = load_params(root / "params.yaml")
+        from upbeat.monitor import tick
+
+        result = tick(root, params, path, log=lambda line: err.print(line, highlight=False))
+    if report is not None:
+        from upbeat.tracking import write_json
+
+        write_json(report, {**result.__dict__, "payload": result.payload()})
+    if result.fired and event:
+        from flows.monitor import emit_drift
+
+        sent = emit_drift(root, result.payload())
+        if not sent:
+            err.print("[dim]PREFECT_API_URL is not set: no drift event emitted[/]")
+    console.print(f"monitor: {result.verdict}", highlight=False, soft_wrap=True, markup=False)
+    if result.status == "rejected":
+        raise typer.Exit(1)
+    raise typer.Exit(DRIFT_EXIT if result.fired else 0)
+
+
+DRIFT_EXIT = 3  # `upbeat monitor`: a tick fired (1 is an error, 2 a usage error)
 
 
 @app.command()

@@ -277,6 +277,70 @@ class GateParams(_Block):
     """distinct-2 of the continuations must stay over this (mode-collapse alarm)."""
 
 
+class MonitorThresholds(_Block):
+    """One limit per watched figure (PSI: under 0.1 is no shift, over 0.2 a real one)."""
+
+    length_psi: float = Field(gt=0)
+    """PSI of tweet length (words) against the champion's training data."""
+    oov_rate_psi: float = Field(gt=0)
+    """PSI of the share of a tweet's tokens the reference never used (policy's tokenizer)."""
+    sentiment_psi: float = Field(gt=0)
+    """PSI of the tweets' own sentiment (the reward's scorer applied to the inputs)."""
+    labels_psi: float = Field(gt=0)
+    """PSI of the label mix (targets 0/2/4)."""
+    domain_auc: float = Field(gt=0.5, le=1)
+    """Cross-validated ROC AUC of a classifier separating new rows from reference rows."""
+    reward_drop: float = Field(gt=0)
+    """How far the champion's mean reward on prompts cut from the new tweets may fall below its
+    figure at registration."""
+    judge_drop: float = Field(gt=0)
+    """The same for the independent judge's mean."""
+
+
+class MonitorParams(_Block):
+    folder: str
+    """Folder watched for new drops (files ingest reads); files seen by an earlier tick are not
+    read again. Relative paths are under the project root."""
+    source: Literal["auto", "sentiment140", "packaged"]
+    """Format of a drop; `auto`: `packaged` when row 1 is its header, else `sentiment140`."""
+    reference: str
+    """The champion's training data: the validated raw table its pipeline ingested."""
+    reference_rows: int = Field(ge=100)
+    """Reference rows sampled per tick (a fixed seed: the same rows every tick)."""
+    max_rows: int = Field(ge=100)
+    """New rows used per tick at most (sampled when a tick brings more)."""
+    min_rows: int = Field(ge=1)
+    """A drop's `validate.min_rows`: a drop is smaller than a training set; every other
+    expectation of the validate suite applies as it is."""
+    psi_bins: int = Field(ge=2)
+    """Bins of each numeric feature's PSI (at the reference's quantiles)."""
+    cv_folds: int = Field(ge=2)
+    """Cross-validation folds of the domain classifier."""
+    n_prompts: int = Field(ge=0)
+    """Prompts cut from the new tweets (as evaluate cuts them) for scoring the champion; 0 skips
+    the scoring."""
+    thresholds: MonitorThresholds
+    """A figure above its threshold is drift; crossing it while armed fires a retrain."""
+    rearm: MonitorThresholds
+    """After firing, a figure fires again only once it has come back under this (hysteresis)."""
+    cooldown_minutes: float = Field(ge=0)
+    """No second firing within this long after one, whatever the figures say."""
+    state_dir: str
+    """Where the monitor keeps its state (drops seen, arming, last firing) and its plot."""
+    seed: int
+    """Seed for row sampling, prompt choice, sampling and the domain classifier's folds."""
+
+    @model_validator(mode="after")
+    def _rearm_below_threshold(self) -> MonitorParams:
+        for name, limit in self.thresholds.model_dump().items():
+            if getattr(self.rearm, name) >= limit:
+                raise ValueError(
+                    f"monitor.rearm.{name} ({getattr(self.rearm, name)}) must be below "
+                    f"monitor.thresholds.{name} ({limit}): a figure re-arms under a lower value"
+                )
+        return self
+
+
 class Params(_Block):
     """The whole of `params.yaml` (with any in-memory overrides applied)."""
 
@@ -293,6 +357,7 @@ class Params(_Block):
     evaluate: EvaluateParams
     register_: RegisterParams = Field(alias="register")
     gate: GateParams
+    monitor: MonitorParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -61,6 +61,8 @@ class CardInputs:
     """The reward PPO maximised, e.g. `vader: compound` or `hf: <model>`."""
     judge: str
     """`evaluate.judge`: the independent scorer PPO never saw."""
+    reason: str = ""
+    """Why the retrain run that made it started (a drift trigger's reason), when one was given."""
 
 
 # --- rendering (pure) -----------------------------------------------------------------------------
@@ -167,7 +169,8 @@ def render(card: CardInputs, version: str, gate: str = PENDING) -> str:
         f"# {card.model_name} version {version}",
         "A causal language model tuned to continue tweets positively: supervised fine-tuning on "
         "tweets, then PPO against the reward below. The full card is the version's "
-        f"`{CARD_FILE}` artifact (`{uri}/{CARD_FILE}`).",
+        f"`{CARD_FILE}` artifact (`{uri}/{CARD_FILE}`)."
+        + (f"\n\nRetrained because {cell(card.reason)}." if card.reason else ""),
         "## Base model",
         f"`{card.base_model}` (policy.base); code at git commit `{card.git_commit}`.",
         "## Data",
@@ -253,6 +256,7 @@ def load_card_inputs(
     git_commit: str,
     n_samples: int = 3,
     reward_version: str | None = None,
+    reason: str = "",
 ) -> CardInputs:
     """A card's inputs from the project: `params` is the loaded `upbeat.config.Params`;
     `reward_version` names the registered learned reward model (`upbeat-reward/3`)."""
@@ -274,4 +278,5 @@ def load_card_inputs(
         samples=load_samples(samples, n_samples),
         reward=described,
         judge=params.evaluate.judge,
+        reason=reason,
     )

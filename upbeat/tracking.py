@@ -27,6 +27,7 @@ from upbeat.errors import UpbeatError
 
 EXPERIMENT = "upbeat"
 PARENT_ENV = "UPBEAT_PARENT_RUN_ID"
+REASON_ENV = "UPBEAT_RETRAIN_REASON"  # why a retrain run started (a drift trigger's reason)
 
 
 def project_root(start: Path | None = None) -> Path:

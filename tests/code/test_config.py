@@ -163,3 +163,15 @@ def test_set_dotted_takes_a_key_or_a_path():
     assert data == {"ppo": {"steps": 5}, "profiles": {"seeds": {"ppo.steps": 7}}}
     with pytest.raises(ConfigError, match=r"^ppo\.steps is not a block, cannot set ppo\.steps\.x$"):
         set_dotted(data, ["ppo", "steps", "x"], 1)
+
+
+def test_monitor_rearm_must_be_below_its_threshold(tmp_path, raw):
+    raw["monitor"]["rearm"]["domain_auc"] = raw["monitor"]["thresholds"]["domain_auc"]
+    with pytest.raises(ConfigError, match=r"monitor\.rearm\.domain_auc .* must be below"):
+        load_params(write(tmp_path, raw))
+
+
+def test_monitor_threshold_out_of_range_is_named(tmp_path, raw):
+    raw["monitor"]["thresholds"]["domain_auc"] = 0.4
+    with pytest.raises(ConfigError, match=r"monitor\.thresholds\.domain_auc: .*greater than 0\.5"):
+        load_params(write(tmp_path, raw))

@@ -251,3 +251,11 @@ def test_a_version_without_a_card_gets_the_gate_in_its_description(tiny_llama):
     desc = registry._client().get_model_version(name, v1).description
     assert desc.startswith("## Gate decision\n\n**passed**")
     assert registry.read_card(name, v1) is None  # no artifact is made up afterwards
+
+
+def test_card_says_why_a_retrain_started_only_when_it_was_told():
+    assert "Retrained because" not in model_card.render(CARD, "3")
+    why = "drift: domain_auc 0.912 > 0.75"
+    card = model_card.render(replace(CARD, reason=why), "3")
+    assert f"Retrained because {why}." in card
+    assert card.index("Retrained because") < card.index("## Base model")

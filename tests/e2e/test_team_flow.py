@@ -268,7 +268,8 @@ def test_deploy_puts_retrain_on_the_pool_with_its_schedule_and_one_run_at_a_time
     refused = upbeat(stack, project, "deploy", env=no_server)
     assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
 
-    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *")
+    # no drift monitor here (tests/e2e/test_team_monitor.py): its cron must not add runs mid-story
+    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", "")
     assert done.returncode == 0, done.stderr
     assert f"to work pool {WORK_POOL!r}" in " ".join(done.stdout.split())
     with prefect_at(stack), get_client(sync_client=True) as client:
