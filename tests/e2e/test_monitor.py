@@ -37,6 +37,7 @@ SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", 
 SPANISH = ["hoy", "mañana", "trabajo", "lluvia", "tarde", "jefe", "reunión", "almuerzo"]
 OVERRIDES = [
     "ingest.source=sentiment140",
+    "reward.kind=vader",  # a learned reward model is written by its stage, which this skips
     "monitor.min_rows=50",
     "monitor.reference_rows=150",
     "monitor.n_prompts=48",

@@ -59,7 +59,9 @@ def locked_project(dest: Path, profile: str) -> Path:
     from dvc.repo import Repo
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    params_only = {name: {"cmd": "true", "params": body["params"]} for name, body in stages.items()}
+    params_only = {
+        name: {"cmd": "true", "params": body.get("params", [])} for name, body in stages.items()
+    }
     (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": params_only}), encoding="utf-8")
     shutil.copy(ROOT / "params.yaml", dest / "params.yaml")
     apply_profile(dest / "params.yaml", profile)

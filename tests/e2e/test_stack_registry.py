@@ -40,6 +40,7 @@ CALL_WAIT = 300  # bound on one subprocess (a stage, a CLI command)
 SERVE_WAIT = 180  # bound on `mlflow models serve` answering /ping (it downloads the model twice)
 PROJECT_PARAMS = [
     "policy.num_threads=1",
+    "reward.kind=vader",  # a learned reward model needs its stage's training
     "evaluate.max_new_tokens=4",
     # random tiny weights: the gate's bounds are opened so the first version becomes champion
     "gate.min_judge_delta=-2.0",
@@ -97,8 +98,16 @@ class Project:
 
 def write_outputs(root: Path, policy: Path) -> None:
     """What the stages before register leave: the PPO policy, evaluate's reports, dvc.lock."""
+    from upbeat.config import load_params
+    from upbeat.rewards import build_spec, save_spec
+
     shutil.copytree(policy, root / "models" / "ppo")
     (root / "reports").mkdir()
+    save_spec(
+        build_spec(load_params(root / "params.yaml").reward), root / "models" / "reward_spec.json"
+    )
+    (root / "models" / "reward").mkdir()
+    (root / "reports" / "reward.json").write_text("{}")
     (root / "reports" / "evaluate.json").write_text(json.dumps(METRICS))
     (root / "reports" / "eval_samples.csv").write_text(
         "prompt,before,after,before_reward,after_reward,before_judge,after_judge,kl\n"
@@ -132,6 +141,8 @@ def project(stack: Stack, tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFact
         "register.py",
         *("--ppo", "models/ppo", "--evaluate", "reports/evaluate.json"),
         *("--samples", "reports/eval_samples.csv", "--out", "reports/register.json"),
+        *("--reward-spec", "models/reward_spec.json", "--reward-model", "models/reward"),
+        *("--reward-metrics", "reports/reward.json"),
     )
     proj.stage("promote.py", "--register", "reports/register.json", "--out", "reports/promote.json")
     promoted = json.loads((root / "reports" / "promote.json").read_text())

@@ -522,7 +522,7 @@ def test_a_run_survives_a_database_outage_and_stack_down_under_it_refuses_or_can
 ) -> None:
     from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS
 
-    steps = LONG_PPO + 40  # PPO onwards stale, and long enough to outlast what follows
+    steps = LONG_PPO + 4000  # PPO onwards stale, and outlasting what follows (it is cancelled)
     apply_overrides(project / "params.yaml", [f"ppo.steps={steps}"])
     run_id = trigger(on_stack)
     wait_until(
