@@ -59,8 +59,11 @@ def locked_project(dest: Path, profile: str) -> Path:
     from dvc.repo import Repo
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    # a stage reading no parameter (feedback) would be one DVC always re-runs here: left out
     params_only = {
-        name: {"cmd": "true", "params": body.get("params", [])} for name, body in stages.items()
+        name: {"cmd": "true", "params": body["params"]}
+        for name, body in stages.items()
+        if body.get("params")
     }
     (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": params_only}), encoding="utf-8")
     shutil.copy(ROOT / "params.yaml", dest / "params.yaml")
