@@ -60,6 +60,9 @@ METRICS = {
     "delta/judge_mean": 0.02,
     "delta/judge_mean_ci_low": -0.05,
     "delta/judge_mean_ci_high": 0.09,
+    "before/judge_positive_share": 0.25,
+    "after/judge_positive_share": 0.5,
+    "delta/judge_positive_share": 0.25,
     "after/kl_mean": 1.5,
     "after/distinct_2": 0.6,
 }
