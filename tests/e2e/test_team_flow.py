@@ -106,18 +106,36 @@ def state_of(st: Stack, run_id: str) -> Any:
         return client.read_flow_run(run_id).state
 
 
-def logs_of(st: Stack, run_id: str) -> str:
+def log_records(st: Stack, run_id: str) -> list[Any]:
+    """Every log record the server holds for this flow run, oldest first."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     found = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)]))
-    lines: list[str] = []
+    records: list[Any] = []
     with prefect_at(st), get_client(sync_client=True) as client:
-        while page := client.read_logs(found, limit=200, offset=len(lines)):  # the API's page
-            lines += [log.message for log in page]
-    return "\n".join(lines)
+        while page := client.read_logs(found, limit=200, offset=len(records)):  # the API's page
+            records += page
+    return records
+
+
+def logs_of(st: Stack, run_id: str) -> str:
+    """The run's log so far (of a final run: maybe not all of it, see `final_logs`)."""
+    return "\n".join(log.message for log in log_records(st, run_id))
+
+
+def final_logs(st: Stack, run_id: str) -> str:
+    """The whole log of a run that ended Completed or Failed. Its process reports the final state
+    before its log handler's last batch reaches the server, so wait for the flow's own last line."""
+
+    def ended() -> str | None:
+        records = log_records(st, run_id)
+        last = [r for r in records if r.task_run_id is None and r.message.startswith("Finished in")]
+        return "\n".join(log.message for log in records) if last else None
+
+    return wait_until(f"the last log line of flow run {run_id}", ended, EXIT_WAIT, every=1)
 
 
 def wait_final(st: Stack, run_id: str, timeout: float = RUN_WAIT) -> Any:
@@ -179,6 +197,18 @@ def processes_in(*folders: Path) -> list[psutil.Process]:
     return found
 
 
+def assert_none_left_in(folder: Path) -> None:
+    """Fails (after killing them) on processes still working in `folder` once the story is over.
+    A flow-run process reports its final state, then flushes its logs and exits: give it time."""
+    _, left = psutil.wait_procs(processes_in(folder), timeout=EXIT_WAIT)
+    commands = []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            commands.append(proc.cmdline())
+            proc.kill()
+    assert not left, f"processes left working in {folder} {EXIT_WAIT} s after: {commands}"
+
+
 def newest_checkpoint(project: Path) -> int:
     """The step of PPO's newest checkpoint in the project (0: none)."""
     steps = [int(p.name.split("-")[1]) for p in (project / "checkpoints" / "ppo").glob("step-*")]
@@ -219,14 +249,7 @@ def project(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     git(proj, "commit", "-qm", "the data drop")
     dvc(proj, stack.client_env(), "remote", "add", "--local", "-d", "stack", REMOTE_URL)
     yield proj
-    # A flow-run process reports its final state, then flushes its logs and exits: give it time.
-    _, left = psutil.wait_procs(processes_in(root), timeout=EXIT_WAIT)
-    commands = []
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            commands.append(proc.cmdline())
-            proc.kill()
-    assert not left, f"processes left working in the project {EXIT_WAIT} s after: {commands}"
+    assert_none_left_in(root)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +318,7 @@ def test_a_triggered_run_is_run_by_the_worker_tracked_on_the_server_and_pushed(
     assert stage_outcomes(parent) == dict.fromkeys(ALL, "ran")
     assert parent.data.tags["dvc.remote"] == "stack"
     pushed = int(parent.data.metrics["dvc/pushed_files"])
-    assert f"dvc push: {pushed} files sent to remote 'stack'" in logs_of(on_stack, run_id)
+    assert f"dvc push: {pushed} files sent to remote 'stack'" in final_logs(on_stack, run_id)
     stored = [k for k in s3_keys(on_stack, DVC_BUCKET) if k.startswith(f"{PREFIX}/")]
     assert len(stored) >= pushed > 0
     assert registry_state() == ("1", 1)
@@ -450,7 +473,8 @@ def test_a_restarted_worker_runs_the_waiting_trigger_from_the_checkpoint_through
         f"tags.`mlflow.parentRunId` = '{parent_run(waiting).info.run_id}' "
         "and tags.`upbeat.stage` = 'ppo'",
     )
-    resumed = re.search(r"ppo: resumed from checkpoint at step (\d+)", logs_of(on_stack, waiting))
+    log = final_logs(on_stack, waiting)
+    resumed = re.search(r"ppo: resumed from checkpoint at step (\d+)", log)
     assert resumed is not None and int(resumed[1]) == int(first_step[1]) - 1
     steps = [m.step for m in client.get_metric_history(ppo.info.run_id, "objective/score")]
     assert sorted(set(steps)) == list(range(int(first_step[1]), LONG_PPO + 1))
@@ -473,7 +497,7 @@ def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outp
     assert state.type.value == "FAILED"
     assert f"dvc push to remote 'stack' ({REMOTE_URL}) failed" in state.message
     assert "Could not connect to the endpoint URL" in state.message
-    log = logs_of(on_stack, run_id)
+    log = final_logs(on_stack, run_id)
     assert "Traceback" not in log, log  # an expected failure: its reason, no traceback
     assert parent_run(run_id).info.status == "FAILED"
     assert stage_outcomes(parent_run(run_id)) == dict.fromkeys(ALL, "skipped")

@@ -12,7 +12,6 @@ One ordered story on a tiny project deployed to the stack (`upbeat deploy`):
 
 from __future__ import annotations
 
-import contextlib
 import random
 import subprocess
 import sys
@@ -21,17 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import stack_fixture
 from stack_fixture import Stack
 from test_team_flow import (
-    EXIT_WAIT,
     MODEL,
+    assert_none_left_in,
+    final_logs,
     logs_of,
     parent_run,
     prefect_at,
-    processes_in,
     registry_state,
     wait_final,
     wait_until,
@@ -39,9 +37,7 @@ from test_team_flow import (
 from tiny_project import make_project
 
 stack = stack_fixture.stack  # one stack for this module
-# Opt-in (`make test-slow`) until its drift → retrain step passes again after issues 19–23 were
-# merged (it failed there in the last full suite; the first two steps pass): see the closing note.
-pytestmark = [pytest.mark.story, pytest.mark.slow]
+pytestmark = pytest.mark.story  # ordered steps: after a failed one, the rest are skipped
 CALL_WAIT = 300
 SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", "keeper"]
 SPANISH = ["hoy", "mañana", "trabajo", "lluvia", "tarde", "jefe", "reunión", "almuerzo"]
@@ -63,13 +59,7 @@ def project(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     root = tmp_path_factory.mktemp("team-monitor")
     extra = ["monitor.min_rows=50", "monitor.reference_rows=100", "monitor.n_prompts=16"]
     yield make_project(root / "project", extra)
-    _, left = psutil.wait_procs(processes_in(root), timeout=EXIT_WAIT)
-    commands = []
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            commands.append(proc.cmdline())
-            proc.kill()
-    assert not left, f"processes left working in the project {EXIT_WAIT} s after: {commands}"
+    assert_none_left_in(root)
 
 
 @pytest.fixture
@@ -136,7 +126,7 @@ def test_a_drifted_drop_starts_a_retrain_on_the_worker_that_says_why(
     write_drop(project / "inputs" / "tweets.csv", SPORT, 300, seed=1)  # the drop ingest reads
     tick = run_now(on_stack, "monitor/scheduled")
     state = wait_final(on_stack, tick)
-    logs = logs_of(on_stack, tick)
+    logs = final_logs(on_stack, tick)
     assert state.is_completed(), f"{state.name}: {state.message}\n{logs}"
     assert "monitor: DRIFT:" in logs and "event upbeat.drift.detected emitted" in logs
 
@@ -165,7 +155,7 @@ def test_a_second_drifted_tick_inside_the_cooldown_starts_nothing(
     write_drop(project / "inputs" / "spanish.csv", SPANISH, 300, seed=2)
     tick = run_now(on_stack, "monitor/scheduled")
     state = wait_final(on_stack, tick)
-    logs = logs_of(on_stack, tick)
+    logs = final_logs(on_stack, tick)
     assert state.is_completed(), f"{state.name}: {state.message}\n{logs}"
     assert "drift held back" in logs and "cooldown" in logs
     assert "emitted" not in logs
