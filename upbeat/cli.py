@@ -93,6 +93,7 @@ def write_params(params_file: Path, values: dict[str, Any], source: str) -> list
         validate_params,
         with_overrides,
     )
+    from upbeat.files import replacing
 
     validate_params(with_overrides(read_params_file(params_file), values), source)
     yaml = YAML()  # round-trip mode: comments, order and quoting survive
@@ -104,10 +105,8 @@ def write_params(params_file: Path, values: dict[str, Any], source: str) -> list
     doc = yaml.load(params_file.read_text(encoding="utf-8"))
     for key, value in values.items():
         set_dotted(doc, key_path(key), value)
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(params_file) as tmp, tmp.open("w", encoding="utf-8") as f:
         yaml.dump(doc, f)
-    tmp.replace(params_file)
     return list(values)
 
 
@@ -765,9 +764,8 @@ def feedback_generate(
 ) -> None:
     """Sample pairs from the champion in batch and store the most informative for rating."""
     root = project()
-    from upbeat.config import load_params
+    from upbeat.config import dvc_vars, load_params
     from upbeat.feedback.pairs import STRATEGIES, generate
-    from upbeat.feedback.store import dvc_vars
 
     if strategy not in STRATEGIES:
         raise fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -809,8 +807,8 @@ def feedback_simulate(
 ) -> None:
     """A simulated rater: a scorer the policy never trained against votes through the page."""
     root = project()
+    from upbeat.config import dvc_vars
     from upbeat.feedback.simulate import rate
-    from upbeat.feedback.store import dvc_vars
     from upbeat.judge import load_judge
     from upbeat.rewards import load_spec
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from upbeat.errors import ModelLoadError, UpbeatError
+from upbeat.files import replacing
 
 WEIGHTS_FILE = "head.safetensors"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -221,13 +222,10 @@ def save_head(head: nn.Linear, directory: str | Path) -> str:
     """Write the head as safetensors in `directory`; return the file's SHA-256 (for the spec)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / WEIGHTS_FILE
-    tmp = path.with_suffix(".tmp")
+    path = Path(directory) / WEIGHTS_FILE
     tensors = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp))
     return file_sha256(path)
 
 

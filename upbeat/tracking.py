@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from upbeat.errors import UpbeatError
+from upbeat.files import replacing
 
 EXPERIMENT = "upbeat"
 PARENT_ENV = "UPBEAT_PARENT_RUN_ID"
@@ -192,24 +193,17 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def write_csv(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
     """Write rows as CSV (columns from the first row), atomically: the curves `dvc plots` reads
     and the evaluate stage's sample table (UTF-8: tweets are not ASCII)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from upbeat.config import IngestParams
 from upbeat.errors import DataError
+from upbeat.files import replacing
 
 CANONICAL_COLUMNS = ("target", "id", "date", "flag", "user", "text")
 STRING_COLUMNS = ("date", "flag", "user", "text")
@@ -68,13 +69,10 @@ DownloadFn = Callable[[int, int | None], None]
 
 def save_canonical(df: pd.DataFrame, path: str | Path) -> None:
     """Write the canonical table as Parquet, atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[list(CANONICAL_COLUMNS)], preserve_index=False)
     table = table.cast(CANONICAL_SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def load_canonical(path: str | Path) -> pd.DataFrame:
@@ -360,10 +358,12 @@ def fetch_sentiment140(
             if SENTIMENT140_MEMBER not in zf.namelist():
                 download.unlink(missing_ok=True)
                 raise DataError(f"{url}: zip does not contain {SENTIMENT140_MEMBER}")
-            tmp = path.with_name(f".{path.name}.tmp")
-            with zf.open(SENTIMENT140_MEMBER) as src, tmp.open("wb") as dst:
+            with (
+                replacing(path) as tmp,
+                zf.open(SENTIMENT140_MEMBER) as src,
+                tmp.open("wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst, length=1 << 20)
-        tmp.replace(path)
         download.unlink()
     else:
         download.replace(path)

@@ -16,6 +16,7 @@ disagreement as it likes); `feedback/agreement` says how often such raters agree
 
 from __future__ import annotations
 
+import filecmp
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from upbeat.files import replacing
 
 VOTES_SCHEMA = pa.schema(
     [
@@ -140,14 +143,10 @@ def write_table(table: pa.Table, path: str | Path) -> bool:
     """Write the table byte-for-byte reproducibly (same rows, same bytes), atomically; False (and
     the file untouched) when it holds these bytes already."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=True)
-    if path.is_file() and path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
-        return False
-    tmp.replace(path)
-    return True
+    with replacing(path, unless_identical=True) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=True)
+        changed = not (path.is_file() and filecmp.cmp(path, tmp, shallow=False))
+    return changed
 
 
 def read_pairs(path: str | Path) -> pa.Table:
