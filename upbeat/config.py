@@ -30,6 +30,16 @@ from upbeat.errors import UpbeatError
 PARAMS_FILE = "params.yaml"
 
 
+def dvc_vars(root: Path) -> dict[str, Any]:
+    """dvc.yaml's `vars`: the one place the pipeline's paths are written (for code outside the
+    stages, which get theirs as arguments)."""
+    found: dict[str, Any] = {}
+    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
+        if isinstance(entry, dict):
+            found.update(entry)
+    return found
+
+
 class ConfigError(UpbeatError):
     """A parameter is unknown, mistyped or out of range; the message names it."""
 
@@ -298,13 +308,14 @@ class MonitorThresholds(_Block):
 
 
 class MonitorParams(_Block):
-    folder: str
+    folder: str | None = None
     """Folder watched for new drops (files ingest reads); files seen by an earlier tick are not
-    read again. Relative paths are under the project root."""
+    read again. Relative paths are under the project root; null: dvc.yaml's `inputs`."""
     source: Literal["auto", "sentiment140", "packaged"]
     """Format of a drop; `auto`: `packaged` when row 1 is its header, else `sentiment140`."""
-    reference: str
-    """The champion's training data: the validated raw table its pipeline ingested."""
+    reference: str | None = None
+    """The champion's training data: the validated raw table its pipeline ingested; null:
+    dvc.yaml's `raw`."""
     reference_rows: int = Field(ge=100)
     """Reference rows sampled per tick (a fixed seed: the same rows every tick)."""
     max_rows: int = Field(ge=100)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from upbeat import drift
-from upbeat.config import Params
+from upbeat.config import Params, dvc_vars
 from upbeat.errors import DataError, UpbeatError
 
 EXPERIMENT = "upbeat-monitor"
@@ -320,6 +320,16 @@ def _under(root: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def drop_folder(root: Path, params: Params) -> Path:
+    """`monitor.folder`, else the folder ingest reads its drops from (dvc.yaml's `inputs`)."""
+    return _under(root, params.monitor.folder or dvc_vars(root)["inputs"])
+
+
+def reference_path(root: Path, params: Params) -> Path:
+    """`monitor.reference`, else the raw table the pipeline ingested (dvc.yaml's `raw`)."""
+    return _under(root, params.monitor.reference or dvc_vars(root)["raw"])
+
+
 def _tick(
     root: Path, params: Params, state_dir: Path, path: Path | None, now: float, log: Log
 ) -> TickResult:
@@ -328,7 +338,7 @@ def _tick(
     m = params.monitor
     state = load_state(state_dir)
     clock = _Clock()
-    where = path if path is not None else _under(root, m.folder)
+    where = path if path is not None else drop_folder(root, params)
     drops = list_drops(where) if path is not None else new_drops(where, state.seen)
     if not drops:
         return TickResult("no-data", f"no new data in {where} since the last tick: nothing to do")
@@ -432,7 +442,7 @@ def _verdict(result: TickResult, decision: drift.Decision, rows: int) -> str:
 def _reference(root: Path, params: Params) -> Any:
     from upbeat.data.sources import load_canonical
 
-    path = _under(root, params.monitor.reference)
+    path = reference_path(root, params)
     if not path.is_file():
         raise UpbeatError(
             f"{path}: the champion's training data is not here (monitor.reference); `dvc pull` "
@@ -445,7 +455,7 @@ def _reward_spec(root: Path, params: Params) -> Any:
     """The spec PPO and evaluate scored with (the reward stage's output), else built afresh."""
     from upbeat.rewards import build_spec, load_spec
 
-    path = root / "models" / "reward_spec.json"
+    path = root / dvc_vars(root)["reward_spec"]
     return load_spec(path) if path.is_file() else build_spec(params.reward)
 
 
@@ -579,7 +589,7 @@ def _log_run(
         "drops": result.drops,
         "rejected": result.rejected,
         "champion_version": champion.version,
-        "reference": params.monitor.reference,
+        "reference": str(reference_path(root, params)),
         "reference_is_champion_data": matches,
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in result.metrics.items()},
         "seconds": result.seconds,

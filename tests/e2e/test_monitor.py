@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from flows.monitor import EVENT, emit_drift, monitor  # Prefect's log handlers bind stderr now,
 from upbeat.cli import DRIFT_EXIT, app  # not inside a CliRunner call (whose stream then closes)
-from upbeat.monitor import EXPERIMENT, STATE_FILE
+from upbeat.monitor import EXPERIMENT, STATE_FILE, reference_path
 
 SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", "keeper"]
 SPANISH = ["hoy", "mañana", "trabajo", "lluvia", "tarde", "jefe", "reunión", "almuerzo"]
@@ -80,7 +80,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Itera
     params = load_params(root / "params.yaml")
     tweets_csv(root / "raw.csv", 400)
     reference = read_sentiment140(root / "raw.csv", 10_000)
-    save_canonical(reference, root / params.monitor.reference)
+    save_canonical(reference, reference_path(root, params))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", store(root))
         spec = build_spec(params.reward)

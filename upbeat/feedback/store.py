@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from upbeat.config import dvc_vars
 from upbeat.errors import UpbeatError
 
 DB_ENV = "UPBEAT_FEEDBACK_DB"
@@ -147,17 +148,6 @@ def export_for_run(root: Path) -> tuple[Path, bool, int] | None:
     out = root / name
     changed, n = export_votes(root, out)
     return out, changed, n
-
-
-def dvc_vars(root: Path) -> dict[str, Any]:
-    """dvc.yaml's `vars` (the one place a stage's paths are written)."""
-    import yaml
-
-    found: dict[str, Any] = {}
-    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("vars", []):
-        if isinstance(entry, dict):
-            found.update(entry)
-    return found
 
 
 def database_url(root: Path) -> str:
