@@ -56,7 +56,6 @@ def deploy(
     Needs a Prefect server (PREFECT_API_URL): a deployment on a temporary server would vanish
     with it. Re-running it with the same name updates the deployment in place.
     """
-    from prefect import flow
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -66,28 +65,59 @@ def deploy(
         )
     root = project.resolve()
     _require_pool(pool)
-    retrain = flow.from_source(source=str(root), entrypoint=ENTRYPOINT)
-    # `to_deployment(...).apply()` is what `retrain.deploy(...)` does for a pool without images,
-    # minus the console table it prints
-    deployment = retrain.to_deployment(
-        name=name,
-        work_pool_name=pool,
-        cron=cron,
-        concurrency_limit=1,
+    deployment_id = _apply(
+        ENTRYPOINT,
+        root,
+        pool,
+        name,
+        cron,
         parameters={"project": str(root), "lock_timeout": 0},
         triggers=[drift_trigger(root)],
-        job_variables={
-            "working_dir": str(root),
-            "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds)},
-        },
+        env={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds)},
         description="Retrain upbeat: every DVC stage, then register and gate the new model, "
         "then push the outputs to the DVC remote.",
     )
-    deployment_id = deployment.apply()
     ensure_zombie_automation(heartbeat_seconds * MISSED_HEARTBEATS)
     if monitor_cron:
         deploy_monitor(root, pool, monitor_cron, name)
     return deployment_id
+
+
+def _apply(
+    entrypoint: str,
+    root: Path,
+    pool: str,
+    name: str,
+    cron: str | None,
+    *,
+    parameters: dict[str, Any],
+    description: str,
+    triggers: list[Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> UUID:
+    """Create or update one of the project's deployments: its flow from the project's own files,
+    run in the project directory, one run at a time."""
+    from prefect import flow
+
+    job_variables: dict[str, Any] = {"working_dir": str(root)}
+    if env:
+        job_variables["env"] = env
+    # `to_deployment(...).apply()` is what `flow.deploy(...)` does for a pool without images,
+    # minus the console table it prints
+    return (
+        flow.from_source(source=str(root), entrypoint=entrypoint)
+        .to_deployment(
+            name=name,
+            work_pool_name=pool,
+            cron=cron,
+            concurrency_limit=1,
+            parameters=parameters,
+            triggers=triggers or [],
+            job_variables=job_variables,
+            description=description,
+        )
+        .apply()
+    )
 
 
 def drift_trigger(root: Path) -> Any:
@@ -114,20 +144,16 @@ def drift_trigger(root: Path) -> Any:
 
 def deploy_monitor(root: Path, pool: str, cron: str, name: str) -> UUID:
     """The `monitor/<name>` deployment: one tick per `cron`, one at a time, in the project."""
-    from prefect import flow
-
-    monitor = flow.from_source(source=str(root), entrypoint=MONITOR_ENTRYPOINT)
-    deployment = monitor.to_deployment(
-        name=name,
-        work_pool_name=pool,
-        cron=cron,
-        concurrency_limit=1,
+    return _apply(
+        MONITOR_ENTRYPOINT,
+        root,
+        pool,
+        name,
+        cron,
         parameters={"project": str(root)},
-        job_variables={"working_dir": str(root)},
         description="Watch for drift: new tweets and the champion against its training data; "
         "on drift, emit the event that starts retrain.",
     )
-    return deployment.apply()
 
 
 def _require_pool(pool: str) -> None:

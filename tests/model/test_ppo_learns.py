@@ -19,24 +19,10 @@ TARGETS = set(range(50, 60))  # ten ordinary (non-special) token ids
 
 @pytest.fixture
 def ppo_params(request):
-    return load_params(request.config.rootpath / "params.yaml").ppo
-
-
-# Both precisions on every machine (emulated bf16 is slow, but not at this size).
-@pytest.mark.filterwarnings("ignore:ppo.bf16. true:RuntimeWarning")
-@pytest.mark.parametrize("bf16", [False, True])
-def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params, bf16):
-    model, tok = load_policy(str(tiny_llama))
-    # A random init with std-0.02 embeddings gives near-uniform logits that no top block can
-    # sharpen quickly; scaled (tied) embeddings give a peaked distribution, like a trained LM.
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-
-    def count_targets(texts):  # the toy reward: how many of the TARGETS tokens a response has
-        ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-        return np.array([sum(i in TARGETS for i in row) for row in ids], dtype=float)
-
-    cfg = ppo_params.model_copy(
+    """PPO's parameters at a size a tiny model learns in 20 steps."""
+    params = load_params(request.config.rootpath / "params.yaml").ppo
+    torch.set_num_threads(1)
+    return params.model_copy(
         update=dict(
             steps=20,
             batch_size=32,
@@ -47,10 +33,33 @@ def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params, bf16):
             train_top_blocks=2,
             init_kl_coef=0.05,
             seed=0,
-            bf16=bf16,
+            bf16=False,
         )
     )
-    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def policy(tiny_llama):
+    """The tiny policy with a peaked next-token distribution, like a trained LM's. A random init
+    with std-0.02 embeddings gives near-uniform logits that no top block can sharpen quickly;
+    scaled (tied) embeddings do not."""
+    model, tok = load_policy(str(tiny_llama))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    return model, tok
+
+
+# Both precisions on every machine (emulated bf16 is slow, but not at this size).
+@pytest.mark.filterwarnings("ignore:ppo.bf16. true:RuntimeWarning")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ppo_raises_a_toy_reward(policy, ppo_params, bf16):
+    model, tok = policy
+
+    def count_targets(texts):  # the toy reward: how many of the TARGETS tokens a response has
+        ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+        return np.array([sum(i in TARGETS for i in row) for row in ids], dtype=float)
+
+    cfg = ppo_params.model_copy(update={"bf16": bf16})
     attention = model.config._attn_implementation
     history = train(model, tok, count_targets, tiny.CORPUS, cfg).history
     assert model.config._attn_implementation == attention  # bf16 training's eager is undone
@@ -63,7 +72,7 @@ def test_ppo_raises_a_toy_reward(tiny_llama, ppo_params, bf16):
         assert all(np.isfinite(h[key]) for h in history), key
 
 
-def test_ppo_raises_a_learned_reward(tiny_llama, tiny_encoder, ppo_params, tmp_path):
+def test_ppo_raises_a_learned_reward(policy, tiny_encoder, ppo_params, tmp_path):
     """The learned reward (a tiny encoder + head trained on toy labelled tweets, saved and loaded
     through its spec as PPO's stage does) is raised by PPO on a tiny policy."""
     import pandas as pd
@@ -78,25 +87,8 @@ def test_ppo_raises_a_learned_reward(tiny_llama, tiny_encoder, ppo_params, tmp_p
     save_spec(spec, tmp_path / "spec.json")
     scorer = load_scorer(load_spec(tmp_path / "spec.json"))
 
-    model, tok = load_policy(str(tiny_llama))
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-    cfg = ppo_params.model_copy(
-        update=dict(
-            steps=20,
-            batch_size=32,
-            minibatch_size=8,
-            ppo_epochs=4,
-            learning_rate=3e-3,
-            max_new_tokens=12,
-            train_top_blocks=2,
-            init_kl_coef=0.05,
-            seed=0,
-            bf16=False,
-        )
-    )
-    torch.set_num_threads(1)
-    history = train(model, tok, scorer, tiny.CORPUS, cfg).history
+    model, tok = policy
+    history = train(model, tok, scorer, tiny.CORPUS, ppo_params).history
     scores = [h["objective/score"] for h in history]
     first, last = np.mean(scores[:3]), np.mean(scores[-3:])
     spread = np.std(scorer(tiny.CORPUS))  # the reward's own scale on the corpus
