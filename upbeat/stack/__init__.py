@@ -69,65 +69,64 @@ CANCEL_WAIT = 90  # s for a cancelled run to stop its stage and record its end
 
 @dataclass(frozen=True)
 class _Spec:
-    """How to start one server and tell that it answers."""
+    """How to start one server and tell that it answers (what can fail runs only when called)."""
 
-    cmd: list[str]
+    cmd: Callable[[], list[str]]
     env: dict[str, str]
     url: str
     ready: Callable[[], Any]
     timeout: float
     before: Callable[[], Any] = lambda: None
     after: Callable[[], Any] = lambda: None
-    user: Any = None
+    user: Callable[[], Any] = lambda: None  # whom to run as (None: this process's user)
 
 
-def _spec(name: str, cfg: StackConfig, sec: Secrets) -> _Spec:
-    log = cfg.logs / f"{name}.log"
-    if name == "postgres":
-        return _Spec(
-            cmd=postgres.command(cfg),
+def _specs(cfg: StackConfig, sec: Secrets) -> dict[str, _Spec]:
+    """Each server's spec, by name."""
+    pg_log = cfg.logs / "postgres.log"
+    return {
+        "postgres": _Spec(
+            cmd=lambda: postgres.command(cfg),
             env=servers.base_env(),
             url=f"unix socket in {postgres.socket_dir(cfg)}",
             ready=lambda: postgres.ready(cfg),
             timeout=60,
-            before=lambda: postgres.init(cfg, log),
+            before=lambda: postgres.init(cfg, pg_log),
             after=lambda: postgres.ensure_databases(cfg),
-            user=postgres.run_user(),
-        )
-    if name == "s3":
-        return _Spec(
-            cmd=s3.command(cfg),
+            user=postgres.run_user,  # PostgreSQL refuses to run as root
+        ),
+        "s3": _Spec(
+            cmd=lambda: s3.command(cfg),
             env=s3.env(servers.base_env(), sec),
             url=cfg.s3_url,
             ready=lambda: s3.ready(cfg, sec),
             timeout=60,
             after=lambda: s3.restore(cfg, sec),
-        )
-    if name == "mlflow":
-        return _Spec(
-            cmd=servers.mlflow_command(cfg),
+        ),
+        "mlflow": _Spec(
+            cmd=lambda: servers.mlflow_command(cfg),
             env=servers.mlflow_env(cfg, sec),
             url=cfg.mlflow_url,
             ready=lambda: servers.mlflow_ready(cfg),
             timeout=180,
             before=lambda: servers.write_mlflow_auth_ini(cfg, sec),
-        )
-    if name == "prefect":
-        return _Spec(
-            cmd=servers.prefect_command(cfg),
+        ),
+        "prefect": _Spec(
+            cmd=lambda: servers.prefect_command(cfg),
             env=servers.prefect_env(cfg, sec),
             url=cfg.prefect_api,
             ready=lambda: servers.prefect_ready(cfg),
             timeout=180,
             after=lambda: servers.ensure_pool(cfg, sec),
-        )
-    return _Spec(
-        cmd=servers.worker_command(),
-        env=servers.worker_env(cfg, sec),
-        url=f"work pool {WORK_POOL!r}",
-        ready=lambda: servers.online_workers(cfg, sec),
-        timeout=120,
-    )
+        ),
+        "worker": _Spec(
+            cmd=servers.worker_command,
+            env=servers.worker_env(cfg, sec),
+            url=f"work pool {WORK_POOL!r}",
+            ready=lambda: servers.online_workers(cfg, sec),
+            timeout=120,
+        ),
+    }
 
 
 def _port_key(name: str) -> str | None:
@@ -159,11 +158,11 @@ def _running(cfg: StackConfig) -> tuple[StackConfig, dict[str, Record]]:
 
 
 def _start(name: str, cfg: StackConfig, sec: Secrets) -> Record:
-    spec = _spec(name, cfg, sec)
+    spec = _specs(cfg, sec)[name]
     log = cfg.logs / f"{name}.log"
     spec.before()
     (cfg.root / "prefect").mkdir(exist_ok=True)  # PREFECT_HOME of the server and the worker
-    pid, started = launch(spec.cmd, env=spec.env, log=log, cwd=cfg.root, user=spec.user)
+    pid, started = launch(spec.cmd(), env=spec.env, log=log, cwd=cfg.root, user=spec.user())
     key = _port_key(name)
     rec = Record(name, pid, started, spec.url, str(log), cfg.ports()[key] if key else None)
     write_record(cfg.run, rec)
@@ -331,7 +330,7 @@ def status(project: Path, root: Path | None = None) -> tuple[StackConfig, list[d
         answers = False
         if rec is not None and sec is not None:
             with contextlib.suppress(Exception):
-                answers = bool(_spec(name, cfg, sec).ready())
+                answers = bool(_specs(cfg, sec)[name].ready())
         rows.append(
             {
                 "name": name,
