@@ -7,6 +7,7 @@ import filecmp
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -26,3 +27,20 @@ def replacing(path: str | Path, *, unless_identical: bool = False) -> Iterator[P
         tmp.unlink()
     else:
         tmp.replace(path)
+
+
+def read_parquet(path: str | Path, absent: str) -> Any:
+    """The Parquet file at `path` as an Arrow table; an absent (`absent` says what makes it) or
+    unreadable file is a DataError that names it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from upbeat.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {absent}")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from upbeat.config import IngestParams
 from upbeat.errors import DataError
-from upbeat.files import replacing
+from upbeat.files import read_parquet, replacing
 
 CANONICAL_COLUMNS = ("target", "id", "date", "flag", "user", "text")
 STRING_COLUMNS = ("date", "flag", "user", "text")
@@ -81,13 +81,7 @@ def load_canonical(path: str | Path) -> pd.DataFrame:
     GX 1.24 does not recognise pandas 3's default `str` dtype in its type checks, but it does
     recognise `StringDtype` with NA semantics, so strings are mapped to that explicitly.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: canonical table not found (run the ingest stage first)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    table = read_parquet(path, "canonical table not found (run the ingest stage first)")
     string = pd.StringDtype("pyarrow")
     mapping = {pa.string(): string, pa.large_string(): string}
     return table.to_pandas(types_mapper=mapping.get)

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from upbeat.files import replacing
+from upbeat.files import read_parquet, replacing
 
 VOTES_SCHEMA = pa.schema(
     [
@@ -120,13 +120,7 @@ def read_votes(path: str | Path) -> list[dict[str, Any]]:
     """The raw export as rows; a file that is not one names itself."""
     from upbeat.errors import DataError
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no votes export (`upbeat feedback export` writes it)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    table = read_parquet(path, "no votes export (`upbeat feedback export` writes it)")
     missing = set(VOTES_SCHEMA.names) - set(table.column_names)
     if missing:
         raise DataError(f"{path}: not a votes export (no column {', '.join(sorted(missing))})")
