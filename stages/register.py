@@ -33,11 +33,10 @@ def main() -> None:
         metrics = read_json(args.evaluate)
         spec = read_json(args.reward_spec)
         reward_ref = f"{spec['kind']}"
+        reward_metrics = read_json(args.reward_metrics)
         if spec["kind"] == "learned":
             reward_name = params.register.reward_model_name
-            reward_version = register_reward(
-                args.reward_model, spec, read_json(args.reward_metrics), reward_name
-            )
+            reward_version = register_reward(args.reward_model, spec, reward_metrics, reward_name)
             reward_ref = f"{reward_name}/{reward_version}"
         root = project_root()
         tags = lineage(root, params.model_dump(by_alias=True, exclude={"profiles"}))
@@ -53,6 +52,7 @@ def main() -> None:
             tags["lineage.git_commit"],
             reward_version=reward_ref,
             reason=reason,
+            reward_metrics=reward_metrics,
         )
         version = register_policy(args.ppo, name, metrics, tags, card)
         write_json(

@@ -21,6 +21,7 @@ from upbeat.data.check import require_passing
 from upbeat.data.clean import labelled_eval, labelled_train
 from upbeat.data.sources import load_canonical, read_human_rated
 from upbeat.errors import exit_on_user_error
+from upbeat.feedback.snapshot import rater_agreement
 from upbeat.reward_model import calibration
 from upbeat.rewards import (
     LearnedScorer,
@@ -68,6 +69,9 @@ def main() -> None:
             metrics["reward/train_seconds"] = time.perf_counter() - started
             metrics["reward/train_texts"] = float(fit.n_labelled)
             metrics["reward/train_pairs"] = float(fit.n_pairs)
+            metrics.update(fit.pair_metrics)
+            if pairs is not None:
+                metrics.update(rater_agreement(pairs))
         else:
             spec = build_spec(p)
             (Path(args.model_out) / "kind.txt").write_text(f"{p.kind}: no trained weights\n")
@@ -97,6 +101,13 @@ def main() -> None:
         f"human-rated: accuracy {metrics['human/accuracy']:.3f}, "
         f"ROC AUC {metrics['human/roc_auc']:.3f} on {len(human)} tweets"
     )
+    if "pairs/heldout_accuracy" in metrics:
+        alone = metrics.get("pairs/heldout_accuracy_labels_only", float("nan"))
+        print(
+            f"reward: orders {metrics['pairs/heldout_accuracy']:.3f} of "
+            f"{metrics['pairs/heldout']:.0f} held-out rated pairs as the raters did "
+            f"(labels alone: {alone:.3f}); trained on {metrics['pairs/train']:.0f} pairs"
+        )
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ class LearnedRewardParams(_Block):
     min_pairs: int = Field(ge=0)
     """Fewer preference pairs than this: the stage says so and trains on labelled tweets alone
     (a handful of votes would only add noise)."""
+    heldout_pair_share: float = Field(ge=0, lt=1)
+    """Share of the rated prompts whose pairs are kept out of training to measure how well the
+    model orders pairs it never saw (split by prompt: no prompt on both sides)."""
     seed: int
     """Seed for sampling the training tweets."""
 

@@ -15,7 +15,7 @@ import csv
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class CardInputs:
     """`evaluate.judge`: the independent scorer PPO never saw."""
     reason: str = ""
     """Why the retrain run that made it started (a drift trigger's reason), when one was given."""
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+    """The reward stage's metrics: agreement with labels and people, what the votes taught."""
 
 
 # --- rendering (pure) -----------------------------------------------------------------------------
@@ -116,6 +118,38 @@ def samples_table(samples: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
     for row in samples:
         lines.append("| " + " | ".join(cell(row.get(c, "")) for c in SAMPLE_COLUMNS) + " |")
+    return lines
+
+
+def reward_lines(card: CardInputs) -> list[str]:
+    """The reward's agreement with held-out labels and with people, and what the votes added."""
+    m = card.reward_metrics
+    lines = [f"{card.reward}."]
+    if "reward/roc_auc" in m:
+        lines.append(
+            f"Held-out labelled tweets: accuracy {_num(m, 'reward/accuracy')}, ROC AUC "
+            f"{_num(m, 'reward/roc_auc')}; VADER's human-rated tweets (never trained on): "
+            f"accuracy {_num(m, 'human/accuracy')}, ROC AUC {_num(m, 'human/roc_auc')}."
+        )
+    pairs = m.get("reward/train_pairs", 0)
+    if pairs:
+        raters = f" from {_num(m, 'pairs/raters', '.0f')} raters" if "pairs/raters" in m else ""
+        lines.append(
+            f"Trained on {pairs:.0f} preference pairs{raters} besides the labelled tweets. "
+            f"Pairs of {_num(m, 'pairs/heldout', '.0f')} held-out prompts' votes (split by "
+            f"prompt): the model orders {_num(m, 'pairs/heldout_accuracy')} of them as the "
+            f"raters did, the labels alone {_num(m, 'pairs/heldout_accuracy_labels_only')}."
+        )
+        if m.get("pairs/overlap"):
+            lines.append(
+                f"Two raters agreed on {_num(m, 'pairs/rater_agreement')} of the "
+                f"{m['pairs/overlap']:.0f} times both preferred within one pair."
+            )
+    elif "reward/pairs_available" in m:
+        lines.append(
+            f"No preference pairs trained on ({m['reward/pairs_available']:.0f} available, "
+            "fewer than reward.learned.min_pairs): labelled tweets alone."
+        )
     return lines
 
 
@@ -179,6 +213,8 @@ def render(card: CardInputs, version: str, gate: str = PENDING) -> str:
         else "No data hashes: dvc.lock records no data outputs.",
         "## Parameters",
         "\n".join(_params_block(card.params)),
+        "## Reward",
+        " ".join(reward_lines(card)),
         "## Evaluation: before (SFT) → after (this model)",
         "\n".join(metrics_table(card.metrics)),
         GATE_HEADING,
@@ -257,6 +293,7 @@ def load_card_inputs(
     n_samples: int = 3,
     reward_version: str | None = None,
     reason: str = "",
+    reward_metrics: Mapping[str, float] | None = None,
 ) -> CardInputs:
     """A card's inputs from the project: `params` is the loaded `upbeat.config.Params`;
     `reward_version` names the registered learned reward model (`upbeat-reward/3`)."""
@@ -279,4 +316,5 @@ def load_card_inputs(
         reward=described,
         judge=params.evaluate.judge,
         reason=reason,
+        reward_metrics=dict(reward_metrics or {}),
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,7 @@ class Fit:
     history: list[float]  # loss per optimiser iteration
     n_labelled: int
     n_pairs: int
+    pair_metrics: dict[str, float] = field(default_factory=dict)  # see `train_reward_model`
 
 
 def fit_head(
@@ -199,20 +200,79 @@ def train_reward_model(
     *,
     l2: float = 1e-4,
     pair_weight: float = 1.0,
+    heldout_share: float = 0.0,
     seed: int = 0,
 ) -> Fit:
     """Train the head on labelled texts (`text`, `target`: 0 negative, 4 positive; neutral
-    rows are left out) and/or preference pairs (`prompt`, `chosen`, `rejected`)."""
-    features = labels = chosen = rejected = None
+    rows are left out) and/or preference pairs (`prompt`, `chosen`, `rejected`).
+
+    The pairs of a `heldout_share` of the prompts (`split_by_prompt`) are kept out of training
+    and answer how well the model orders pairs it never saw: `pairs/heldout_accuracy`, beside
+    `pairs/heldout_accuracy_labels_only` of the same head trained on the labelled texts alone
+    (what the votes added); also `pairs/train`, `pairs/heldout`, `pairs/raters` and
+    `pairs/prompts`.
+    """
+    features = labels = None
     if labelled is not None and len(labelled):
         polar = labelled[labelled["target"].isin([0, 4])]
         features = encoder(polar["text"].astype(str).tolist())
         labels = (polar["target"].to_numpy() == 4).astype(np.float32)
     frame = pair_frame(pairs)
-    if len(frame):
-        chosen = encoder(frame["chosen"].astype(str).tolist())
-        rejected = encoder(frame["rejected"].astype(str).tolist())
-    return fit_head(features, labels, chosen, rejected, l2=l2, pair_weight=pair_weight, seed=seed)
+    train, held = split_by_prompt(frame, heldout_share, seed)
+    chosen, rejected = _encode_pairs(encoder, train)
+    fit = fit_head(features, labels, chosen, rejected, l2=l2, pair_weight=pair_weight, seed=seed)
+    if not len(frame):
+        return fit
+    metrics = {
+        "pairs/train": float(len(train)),
+        "pairs/heldout": float(len(held)),
+        "pairs/prompts": float(frame["prompt"].nunique()),
+    }
+    if "rater" in frame:
+        metrics["pairs/raters"] = float(frame["rater"].nunique())
+    if len(held):
+        held_chosen, held_rejected = _encode_pairs(encoder, held)
+        metrics["pairs/heldout_accuracy"] = pair_accuracy(fit.head, held_chosen, held_rejected)
+        if features is not None:
+            alone = fit_head(features, labels, None, None, l2=l2, pair_weight=0.0, seed=seed)
+            metrics["pairs/heldout_accuracy_labels_only"] = pair_accuracy(
+                alone.head, held_chosen, held_rejected
+            )
+    fit.pair_metrics = metrics
+    return fit
+
+
+def _encode_pairs(encoder: Encoder, frame: pd.DataFrame) -> tuple[Any, Any]:
+    if not len(frame):
+        return None, None
+    return encoder(frame["chosen"].astype(str).tolist()), encoder(
+        frame["rejected"].astype(str).tolist()
+    )
+
+
+def split_by_prompt(
+    frame: pd.DataFrame, heldout_share: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held out): the pairs of about `heldout_share` of the prompts are held out, chosen
+    by a hash of the prompt, so no prompt is on both sides and a new vote never moves an old one
+    across."""
+    if not len(frame) or heldout_share <= 0:
+        return frame, frame.iloc[:0]
+    cut = int(heldout_share * 2**32)
+    bucket = (
+        frame["prompt"]
+        .astype(str)
+        .map(lambda p: int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:4], "big"))
+    )
+    held = (bucket < cut).to_numpy()
+    return frame[~held], frame[held]
+
+
+def pair_accuracy(head: nn.Linear, chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs whose chosen side the head scores higher (a tie counts half)."""
+    with torch.no_grad():
+        margin = (head(chosen) - head(rejected)).squeeze(-1)
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
 
 
 # --- save / load ---------------------------------------------------------------------------------

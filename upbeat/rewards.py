@@ -279,7 +279,13 @@ def train_learned(
     assert cfg is not None
     encoder = Encoder(cfg.backbone, cfg.max_length, params.batch_size)
     fit = train_reward_model(
-        encoder, labelled, pairs, l2=cfg.l2, pair_weight=cfg.pair_weight, seed=cfg.seed
+        encoder,
+        labelled,
+        pairs,
+        l2=cfg.l2,
+        pair_weight=cfg.pair_weight,
+        heldout_share=cfg.heldout_pair_share,
+        seed=cfg.seed,
     )
     sha = save_head(fit.head, model_dir)
     return learned_spec(params, model_dir, sha, training_md5(labelled, pairs)), fit

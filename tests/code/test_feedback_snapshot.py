@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pandas as pd
 import pytest
 
 from upbeat.errors import DataError
 from upbeat.feedback.snapshot import (
     SCHEMA,
     preference_pairs,
+    rater_agreement,
     read_pairs,
     read_votes,
     votes_table,
@@ -61,9 +63,12 @@ def test_a_and_b_become_chosen_and_rejected_the_rest_is_counted():
 def test_agreement_between_raters_on_the_same_pair():
     votes = [vote(1, 1, "a"), vote(2, 1, "a", "bob"), vote(3, 2, "a"), vote(4, 2, "b", "bob")]
     votes += [vote(5, 3, "a"), vote(6, 3, "tie", "bob")]  # a tie is no preference to compare
-    _, metrics = preference_pairs(votes)
+    table, metrics = preference_pairs(votes)
     assert metrics["feedback/overlap"] == 2 and metrics["feedback/agreement"] == 0.5
     assert metrics["feedback/raters"] == 2
+    # the reward stage reads the same from the pairs table (a repeated row of one rater: once)
+    pairs = pd.concat([table.to_pandas(), table.to_pandas().iloc[:1]])
+    assert rater_agreement(pairs) == {"pairs/overlap": 2.0, "pairs/rater_agreement": 0.5}
 
 
 def test_same_votes_same_bytes_and_the_file_untouched(tmp_path):

@@ -259,3 +259,24 @@ def test_card_says_why_a_retrain_started_only_when_it_was_told():
     card = model_card.render(replace(CARD, reason=why), "3")
     assert f"Retrained because {why}." in card
     assert card.index("Retrained because") < card.index("## Base model")
+
+
+def test_reward_section_says_what_the_votes_taught_or_that_there_were_too_few():
+    learned = "learned: packaged:minilm-l6 + scalar head, registered as upbeat-reward/2"
+    reward = {
+        "reward/accuracy": 0.81, "reward/roc_auc": 0.893, "human/accuracy": 0.74,
+        "human/roc_auc": 0.81, "reward/train_pairs": 160.0, "pairs/raters": 3.0,
+        "pairs/heldout": 40.0, "pairs/heldout_accuracy": 0.775,
+        "pairs/heldout_accuracy_labels_only": 0.6, "pairs/overlap": 12.0,
+        "pairs/rater_agreement": 0.75,
+    }  # fmt: skip
+    card = model_card.render(replace(CARD, reward=learned, reward_metrics=reward), "2")
+    section = card[card.index("## Reward") : card.index("## Evaluation")]
+    assert "upbeat-reward/2" in section and "ROC AUC 0.893" in section and "0.810" in section
+    assert "160 preference pairs from 3 raters" in section
+    assert "orders 0.775 of them as the raters did, the labels alone 0.600" in section
+    assert "agreed on 0.750 of the 12 times" in section
+    few = {"reward/accuracy": 0.8, "reward/roc_auc": 0.89, "reward/pairs_available": 12.0}
+    card = model_card.render(replace(CARD, reward=learned, reward_metrics=few), "2")
+    assert "No preference pairs trained on (12 available" in card
+    assert "preference pairs from" not in card

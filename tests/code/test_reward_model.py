@@ -12,7 +12,15 @@ import torch
 
 from upbeat.config import load_params
 from upbeat.errors import ModelLoadError, UpbeatError
-from upbeat.reward_model import Encoder, calibration, fit_head, pair_frame, train_reward_model
+from upbeat.reward_model import (
+    Encoder,
+    calibration,
+    fit_head,
+    pair_accuracy,
+    pair_frame,
+    split_by_prompt,
+    train_reward_model,
+)
 from upbeat.rewards import LearnedScorer, load_scorer, load_spec, save_spec, train_learned
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,3 +163,54 @@ def test_calibration_by_hand() -> None:
     # σ(±∞)-like logits, always right: Brier and ECE near 0.
     got = calibration(np.array([20.0, -20.0]), np.array([True, False]))
     assert got["brier"] < 1e-12 and got["ece"] < 1e-8
+
+
+def toy_encoder(texts: list[str]) -> torch.Tensor:
+    """Features a linear head can read: sentiment words on dim 0, "great" on dim 1, and three
+    dims of noise fixed per text."""
+    rows = []
+    for t in texts:
+        noise = torch.randn(3, generator=torch.Generator().manual_seed(sum(map(ord, t))))
+        sentiment = float(any(w in t for w in ("love", "happy"))) - float("sad" in t)
+        rows.append(torch.cat([torch.tensor([sentiment, float("great" in t)]), noise]))
+    return torch.stack(rows)
+
+
+def test_held_out_pairs_measure_what_the_votes_taught() -> None:
+    """Labels say nothing about "great"; the raters prefer it. Pairs of a fifth of the prompts
+    stay out of training: the model with votes orders them, the labels-only model cannot."""
+    labelled = pd.DataFrame({"text": HAPPY * 5 + SAD * 5, "target": [4] * 20 + [0] * 20})
+    mood = ["happy", "sad"]
+    pairs = pd.DataFrame(
+        {
+            "prompt": [f"prompt {i}" for i in range(60)],
+            "chosen": [f"so {mood[i % 2]} and great {i}" for i in range(60)],
+            "rejected": [f"so {mood[i % 2]} and fine {i}" for i in range(60)],
+        }
+    )
+    fit = train_reward_model(toy_encoder, labelled, pairs, heldout_share=0.2, seed=0)
+    m = fit.pair_metrics
+    assert m["pairs/train"] + m["pairs/heldout"] == 60 and 4 <= m["pairs/heldout"] <= 24
+    assert fit.n_pairs == m["pairs/train"]  # the held-out pairs were not trained on
+    assert m["pairs/heldout_accuracy"] == 1.0
+    assert m["pairs/heldout_accuracy_labels_only"] < 0.8
+    assert m["pairs/prompts"] == 60
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side_and_old_pairs_where_they_were() -> None:
+    frame = pd.DataFrame({"prompt": [f"p{i % 40}" for i in range(200)], "chosen": "a"})
+    train, held = split_by_prompt(frame, 0.25, seed=3)
+    assert not set(train["prompt"]) & set(held["prompt"])
+    assert 0.05 < len(held) / len(frame) < 0.5
+    more = pd.concat([frame, pd.DataFrame({"prompt": ["new"], "chosen": "b"})])
+    _, held_more = split_by_prompt(more, 0.25, seed=3)
+    assert set(held["prompt"]) <= set(held_more["prompt"])
+    assert len(split_by_prompt(frame, 0.0, seed=3)[1]) == 0
+
+
+def test_pair_accuracy_counts_ties_half() -> None:
+    head = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+    chosen, rejected = torch.tensor([[2.0], [0.0], [1.0]]), torch.tensor([[1.0], [1.0], [1.0]])
+    assert pair_accuracy(head, chosen, rejected) == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import filecmp
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,35 @@ def preference_pairs(votes: Sequence[Mapping[str, Any]]) -> tuple[pa.Table, dict
         "feedback/raters": len(set(rows["rater"])),
         "feedback/prompts": len(set(rows["prompt"])),
     }
-    same = total = 0
-    for choices in by_pair.values():
-        for i in range(len(choices)):
-            for j in range(i + 1, len(choices)):
-                total += 1
-                same += choices[i] == choices[j]
+    same, total = agreeing(by_pair.values())
     metrics["feedback/overlap"] = total
     if total:
         metrics["feedback/agreement"] = same / total
     return table, metrics
+
+
+def agreeing(answers_by_pair: Iterable[Sequence[Any]]) -> tuple[int, int]:
+    """Over every two answers given to the same pair: (how many are the same, how many)."""
+    same = total = 0
+    for answers in answers_by_pair:
+        for i in range(len(answers)):
+            for j in range(i + 1, len(answers)):
+                total += 1
+                same += answers[i] == answers[j]
+    return same, total
+
+
+def rater_agreement(frame: Any) -> dict[str, float]:
+    """Where two raters preferred within the same pair (`pair_id`): how many such rater-pairs
+    (`pairs/overlap`) and the share that chose the same side (`pairs/rater_agreement`)."""
+    if not len(frame) or not {"pair_id", "rater"} <= set(frame.columns):
+        return {}
+    by_pair = frame.drop_duplicates(["pair_id", "rater"]).groupby("pair_id")["chosen"]
+    same, total = agreeing(list(group) for _, group in by_pair)
+    metrics = {"pairs/overlap": float(total)}
+    if total:
+        metrics["pairs/rater_agreement"] = same / total
+    return metrics
 
 
 def votes_table(votes: Sequence[Mapping[str, Any]]) -> pa.Table:
