@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from feedback_server import serving
 
-from upbeat.feedback.simulate import preference, rate
+from upbeat.feedback.simulate import gold_win_rate, preference, rate
 from upbeat.feedback.snapshot import preference_pairs
 from upbeat.feedback.store import Store
 
@@ -42,3 +42,10 @@ def test_simulated_rater_answers_as_its_scorer_through_the_page(tmp_path):
         for c, r in zip(table["chosen"].to_pylist(), table["rejected"].to_pylist(), strict=True)
     )
     store.close()
+
+
+def test_gold_win_rate_counts_ties_half():
+    prompts, before = ["p", "q", "r"], [" awful", " great", " ok"]
+    after = [" great", " awful", " ok"]
+    assert gold_win_rate(gold, prompts, before, after) == 0.5  # (1 + 0 + 0.5) / 3
+    assert gold_win_rate(gold, prompts, before, before) == 0.5

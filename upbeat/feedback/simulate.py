@@ -54,3 +54,14 @@ def rate(
     finally:
         client.close()
     return given
+
+
+def gold_win_rate(
+    gold: Scorer, prompts: Sequence[str], before: Sequence[str], after: Sequence[str]
+) -> float:
+    """Share of prompts whose `after` continuation the gold rater prefers to `before` (a tie
+    counts half): the policy's win rate in the rater's eyes."""
+    full_before = [p + t for p, t in zip(prompts, before, strict=True)]
+    full_after = [p + t for p, t in zip(prompts, after, strict=True)]
+    diff = np.asarray(gold(full_after), float) - np.asarray(gold(full_before), float)
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
