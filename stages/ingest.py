@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from upbeat.config import load_params
-from upbeat.data.sources import ingest, save_canonical, summarise
+from upbeat.data.sources import ingest_with_drops, save_canonical, summarise
 from upbeat.errors import exit_on_user_error
 from upbeat.progress import Progress
 from upbeat.tracking import log_metrics, project_root, stage_run, write_json
@@ -14,6 +14,7 @@ from upbeat.tracking import log_metrics, project_root, stage_run, write_json
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--drops", help="folder of new data drops, read after the source")
     parser.add_argument("--out", required=True, help="canonical Parquet table to write")
     parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
     args = parser.parse_args()
@@ -26,13 +27,16 @@ def main() -> None:
 
     with stage_run("ingest", params.ingest.model_dump()), progress:
         progress.phase(f"reading the {params.ingest.source} source")
-        df = ingest(params.ingest, root=project_root(), on_download=on_download)
+        df, drops = ingest_with_drops(params.ingest, project_root(), args.drops, on_download)
         progress.phase(f"read {len(df)} rows; writing {args.out}")
         save_canonical(df, args.out)
         metrics = summarise(df)
+        metrics["ingest/drop_files"] = len(drops)
+        metrics["ingest/drop_rows"] = sum(drops.values())
         write_json(args.metrics, metrics)
         log_metrics(metrics)
-    print(f"ingest: {len(df)} rows from {params.ingest.source} -> {args.out}")
+    added = "".join(f" + {n} rows from {args.drops}/{name}" for name, n in drops.items())
+    print(f"ingest: {len(df)} rows from {params.ingest.source}{added} -> {args.out}")
 
 
 if __name__ == "__main__":

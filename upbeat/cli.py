@@ -472,7 +472,7 @@ def validate(
     path: Annotated[Path, typer.Argument(help="A data file to check.")],
     source: Annotated[
         str | None,
-        typer.Option(help="sentiment140 | packaged [default: ingest.source in params.yaml]"),
+        typer.Option(help="sentiment140 | packaged [default: what its first row shows]"),
     ] = None,
     docs: Annotated[Path | None, typer.Option(help="Write Data Docs (HTML) here.")] = None,
 ) -> None:
@@ -481,8 +481,11 @@ def validate(
     from upbeat.config import load_params
 
     with user_errors():
+        from upbeat.data.sources import drop_source
+
         params = load_params(root / "params.yaml")
-        source = source or params.ingest.source
+        if source is None:  # as ingest reads a drop
+            source = drop_source(path, "auto") if path.is_file() else params.ingest.source
         if source not in ("sentiment140", "packaged"):
             raise fail(f"--source {source!r} is not one of sentiment140, packaged")
         from upbeat.data.check import check_file

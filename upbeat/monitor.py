@@ -37,6 +37,7 @@ import numpy as np
 
 from upbeat import drift
 from upbeat.config import Params, dvc_vars
+from upbeat.data.sources import drop_source, list_drops
 from upbeat.errors import DataError, UpbeatError
 
 EXPERIMENT = "upbeat-monitor"
@@ -61,7 +62,6 @@ REGISTERED = {
     "distinct_2": "after/distinct_2",
     "length_mean": "after/length_mean",
 }
-IGNORED_FILES = {"README.md", ".gitignore", ".gitkeep"}
 
 Log = Callable[[str], None]
 
@@ -110,37 +110,11 @@ def signature(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def list_drops(target: Path) -> list[Path]:
-    """The data files of a drop folder (or the file itself), sorted; hidden files and the
-    folder's README are not data."""
-    if target.is_file():
-        return [target]
-    if not target.is_dir():
-        raise DataError(f"{target}: no such file or folder")
-    return sorted(
-        p
-        for p in target.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in IGNORED_FILES
-    )
-
-
 def new_drops(folder: Path, seen: dict[str, str]) -> list[Path]:
     """Files of `folder` not read before, or changed since they were read."""
     if not folder.is_dir():
         return []
     return [p for p in list_drops(folder) if seen.get(str(p.resolve())) != signature(p)]
-
-
-def drop_source(path: Path, setting: str) -> str:
-    """The ingest source a drop is in: `packaged` when its first row is that header."""
-    if setting != "auto":
-        return setting
-    from upbeat.data.sources import PACKAGED_COLUMNS
-
-    with path.open("rb") as f:
-        first = f.readline(4096).decode("latin-1").lstrip("\ufeff\xef\xbb\xbf").strip()
-    names = [c.strip().strip('"').lower() for c in first.split(",")]
-    return "packaged" if names == list(PACKAGED_COLUMNS) else "sentiment140"
 
 
 def read_drop(path: Path, params: Params) -> tuple[Any, dict[str, Any]]:

@@ -118,6 +118,8 @@ def test_validate_exit_codes(proj):
     result = runner.invoke(app, ["validate", str(good), "--source", "sentiment140"])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
+    result = runner.invoke(app, ["validate", str(good)])  # the format its first row shows
+    assert result.exit_code == 0 and "(sentiment140)" in result.output, result.output
 
     few = proj / "few.csv"  # well-formed but under validate.min_rows
     few.write_text(sentiment140_rows(50), encoding="latin-1")

