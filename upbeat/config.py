@@ -312,8 +312,9 @@ class MonitorThresholds(_Block):
 
 class MonitorParams(_Block):
     folder: str | None = None
-    """Folder watched for new drops (files ingest reads); files seen by an earlier tick are not
-    read again. Relative paths are under the project root; null: dvc.yaml's `inputs`."""
+    """Folder or `s3://bucket/prefix` watched for new drops (files ingest reads); drops seen by
+    an earlier tick are not read again. Relative paths are under the project root; null:
+    dvc.yaml's `inputs`."""
     source: Literal["auto", "sentiment140", "packaged"]
     """Format of a drop; `auto`: `packaged` when row 1 is its header, else `sentiment140`."""
     reference: str | None = None

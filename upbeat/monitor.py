@@ -1,7 +1,8 @@
 """One monitor tick: the tweets that arrived since the last tick, against the champion's data.
 
 A tick (`upbeat monitor [PATH]`, or the deployed `monitor` flow):
-1. finds the drops it has not seen (files in `monitor.folder`, or PATH), reads each as ingest
+1. finds the drops it has not seen (files in `monitor.folder`, a folder or an S3 prefix, or
+   PATH), reads each as ingest
    does and validates it with the validate stage's Great Expectations suite (`monitor.min_rows`
    in place of `validate.min_rows`); a drop that fails is reported and never used;
 2. compares the new rows with the reference (the validated raw table the champion's pipeline
@@ -74,7 +75,7 @@ class State:
     """What a tick needs to know of the ticks before it."""
 
     seen: dict[str, str] = field(default_factory=dict)
-    """Resolved path of each drop read -> its signature (size and mtime) when read."""
+    """Each drop read (resolved path or s3:// URL) -> its signature when read."""
     armed: dict[str, bool] = field(default_factory=dict)
     """Per watched figure: may it fire (False after firing, until back under its re-arm)."""
     last_fired: float | None = None
@@ -105,16 +106,66 @@ def save_state(state_dir: Path, state: State) -> None:
 # --- drops ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Drop:
+    """One file of new data."""
+
+    path: Path
+    """The local file to read (for an S3 object, its downloaded copy)."""
+    name: str
+    """Where it came from: the file's resolved path, or the object's s3:// URL."""
+    signature: str
+    """Size and mtime (a file) or size and ETag (an object): a change makes it new again."""
+
+
 def signature(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def new_drops(folder: Path, seen: dict[str, str]) -> list[Path]:
-    """Files of `folder` not read before, or changed since they were read."""
+def local_drops(target: Path) -> list[Drop]:
+    """The data files of a folder (or the file itself)."""
+    return [Drop(p, str(p.resolve()), signature(p)) for p in list_drops(target)]
+
+
+def new_drops(where: str | Path, seen: dict[str, str], cache: Path) -> list[Drop]:
+    """Drops of the folder or `s3://bucket/prefix` not read before, or changed since; a new S3
+    object is downloaded into `cache` first."""
+    if str(where).startswith("s3://"):
+        return s3_drops(str(where), seen, cache)
+    folder = Path(where)
     if not folder.is_dir():
         return []
-    return [p for p in list_drops(folder) if seen.get(str(p.resolve())) != signature(p)]
+    return [d for d in local_drops(folder) if seen.get(d.name) != d.signature]
+
+
+def s3_drops(url: str, seen: dict[str, str], cache: Path) -> list[Drop]:
+    """The new objects under an S3 prefix, downloaded (boto3; endpoint and keys from the usual
+    AWS variables, e.g. the stack's `AWS_ENDPOINT_URL`)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from upbeat.data.sources import IGNORED_FILES
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    found = []
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key, name = obj["Key"], obj["Key"].rsplit("/", 1)[-1]
+                sig = f"{obj['Size']}:{obj['ETag'].strip(chr(34))}"
+                if not name or name.startswith(".") or name in IGNORED_FILES:
+                    continue
+                if seen.get(f"s3://{bucket}/{key}") == sig:
+                    continue
+                local = cache / bucket / key
+                local.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, key, str(local))
+                found.append(Drop(local, f"s3://{bucket}/{key}", sig))
+    except (BotoCoreError, ClientError) as exc:
+        raise UpbeatError(f"{url}: cannot list or read the drops there ({exc})") from exc
+    return sorted(found, key=lambda d: d.name)
 
 
 def read_drop(path: Path, params: Params) -> tuple[Any, dict[str, Any]]:
@@ -294,9 +345,11 @@ def _under(root: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def drop_folder(root: Path, params: Params) -> Path:
-    """`monitor.folder`, else the folder ingest reads its drops from (dvc.yaml's `inputs`)."""
-    return _under(root, params.monitor.folder or dvc_vars(root)["inputs"])
+def drop_folder(root: Path, params: Params) -> Path | str:
+    """`monitor.folder` (a folder or an `s3://bucket/prefix`), else the folder ingest reads its
+    drops from (dvc.yaml's `inputs`)."""
+    folder = params.monitor.folder or dvc_vars(root)["inputs"]
+    return folder if folder.startswith("s3://") else _under(root, folder)
 
 
 def reference_path(root: Path, params: Params) -> Path:
@@ -313,20 +366,23 @@ def _tick(
     state = load_state(state_dir)
     clock = _Clock()
     where = path if path is not None else drop_folder(root, params)
-    drops = list_drops(where) if path is not None else new_drops(where, state.seen)
+    if path is not None:
+        drops = local_drops(path)
+    else:
+        drops = new_drops(where, state.seen, state_dir / "s3")
     if not drops:
         return TickResult("no-data", f"no new data in {where} since the last tick: nothing to do")
 
     frames, result = [], TickResult("checked", "")
     for drop in drops:
-        df, verdict = read_drop(drop, params)
-        state.seen[str(drop.resolve())] = signature(drop)
+        df, verdict = read_drop(drop.path, params)
+        state.seen[drop.name] = drop.signature
         if df is None:
-            result.rejected[str(drop)] = verdict["summary"]
-            log(f"monitor: {drop} refused ({verdict['stage']}): {verdict['summary']}")
+            result.rejected[drop.name] = verdict["summary"]
+            log(f"monitor: {drop.name} refused ({verdict['stage']}): {verdict['summary']}")
         else:
             frames.append(df)
-            result.drops.append(str(drop))
+            result.drops.append(drop.name)
     clock.lap("read_validate")
     if not frames:
         result.status = "rejected"
