@@ -62,7 +62,7 @@ def monitor(project: str = ".", path: str | None = None) -> dict[str, Any] | Sta
     result. A tick that fires emits the drift event; an error fails the run."""
     from prefect.events import emit_event
 
-    from upbeat.cli import DRIFT_EXIT  # light: the CLI imports its heavy parts in its commands
+    from upbeat.errors import DRIFT_EXIT
 
     logger = get_run_logger()
     root = Path(project).resolve()

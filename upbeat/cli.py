@@ -525,6 +525,7 @@ def monitor(
     3: drift that fires a retrain; 1: an error, or every new drop failed validation."""
     root = project()
     from upbeat.config import load_params
+    from upbeat.errors import DRIFT_EXIT
 
     with user_errors():
         params = load_params(root / "params.yaml")
@@ -545,9 +546,6 @@ def monitor(
     if result.status == "rejected":
         raise typer.Exit(1)
     raise typer.Exit(DRIFT_EXIT if result.fired else 0)
-
-
-DRIFT_EXIT = 3  # `upbeat monitor`: a tick fired (1 is an error, 2 a usage error)
 
 
 @app.command()

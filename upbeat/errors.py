@@ -12,6 +12,9 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+DRIFT_EXIT = 3
+"""`upbeat monitor`'s exit status when a tick fired (1 is an error, 2 a usage error)."""
+
 
 class UpbeatError(Exception):
     """A problem the user can fix; the message says which input and what to do."""

@@ -161,7 +161,8 @@ def test_sqlite_runs_in_wal_with_full_sync(tmp_path):
 
 def test_the_stack_exports_its_feedback_database(tmp_path):
     from upbeat.stack import postgres
-    from upbeat.stack.config import client_env, load_secrets, resolve
+    from upbeat.stack.clients import client_env
+    from upbeat.stack.config import load_secrets, resolve
 
     cfg = resolve(tmp_path, tmp_path / "stack")
     cfg.root.mkdir()

@@ -14,7 +14,8 @@ import pytest
 from waiting import wait_until
 
 from upbeat.stack import procs
-from upbeat.stack.config import client_env, export_lines, load_secrets, resolve
+from upbeat.stack.clients import client_env, export_lines
+from upbeat.stack.config import load_secrets, resolve
 
 
 def test_ports_come_from_option_then_env_then_last_run_then_default(

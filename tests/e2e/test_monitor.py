@@ -30,7 +30,8 @@ from tiny_project import ROOT, tweets_csv
 from typer.testing import CliRunner
 
 from flows.monitor import EVENT, emit_drift, monitor  # Prefect's log handlers bind stderr now,
-from upbeat.cli import DRIFT_EXIT, app  # not inside a CliRunner call (whose stream then closes)
+from upbeat.cli import app  # not inside a CliRunner call (whose stream then closes)
+from upbeat.errors import DRIFT_EXIT
 from upbeat.monitor import EXPERIMENT, STATE_FILE, reference_path
 
 SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", "keeper"]

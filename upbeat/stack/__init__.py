@@ -6,7 +6,7 @@ the Prefect server (on PostgreSQL) → a worker polling the `upbeat` process wor
 
 `up` starts, in that order, whichever of them is not running and waits until each answers;
 `down` stops, in reverse order, only what `up` started (the pid files in `run/`); `status` says
-what runs where and which variables point a client at it (`config.client_env`). The stack's data
+what runs where and which variables point a client at it (`clients.client_env`). The stack's data
 survives `down`/`up`: PostgreSQL's on disk, the buckets through a snapshot (see `s3`).
 """
 
@@ -22,14 +22,13 @@ from typing import Any
 import psutil
 
 from upbeat.stack import postgres, runs, s3, servers
+from upbeat.stack.clients import client_env, export_lines
 from upbeat.stack.config import (
     DEFAULT_PORTS,
     WORK_POOL,
     Secrets,
     StackConfig,
     StackError,
-    client_env,
-    export_lines,
     load_secrets,
     port_env,
     resolve,

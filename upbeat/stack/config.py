@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import string
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -164,25 +163,3 @@ def load_secrets(cfg: StackConfig, create: bool = False) -> Secrets | None:
     with os.fdopen(fd, "w") as f:
         json.dump({f.name: getattr(fresh, f.name) for f in fields(Secrets)}, f, indent=2)
     return fresh
-
-
-def client_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
-    """What points MLflow, Prefect, DVC and boto3 at this stack, by each tool's own variables."""
-    from upbeat.stack import postgres  # it imports this module
-
-    return {
-        "MLFLOW_TRACKING_URI": cfg.mlflow_url,
-        "MLFLOW_TRACKING_USERNAME": sec.mlflow_username,
-        "MLFLOW_TRACKING_PASSWORD": sec.mlflow_password,
-        "PREFECT_API_URL": cfg.prefect_api,
-        "PREFECT_API_AUTH_STRING": sec.prefect_auth,
-        "AWS_ACCESS_KEY_ID": sec.aws_access_key_id,
-        "AWS_SECRET_ACCESS_KEY": sec.aws_secret_access_key,
-        "AWS_ENDPOINT_URL": cfg.s3_url,  # botocore, s3fs and so DVC's S3 remote read it
-        "AWS_DEFAULT_REGION": REGION,
-        "UPBEAT_FEEDBACK_DB": postgres.url(cfg, "feedback"),  # upbeat/feedback/store.py
-    }
-
-
-def export_lines(env: dict[str, str]) -> list[str]:
-    return [f"export {key}={shlex.quote(value)}" for key, value in env.items()]

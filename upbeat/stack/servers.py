@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from upbeat.stack import postgres
+from upbeat.stack.clients import client_env
 from upbeat.stack.config import (
     HOST,
     MLFLOW_BUCKET,
@@ -24,7 +25,6 @@ from upbeat.stack.config import (
     Secrets,
     StackConfig,
     StackError,
-    client_env,
 )
 
 # Variables a caller's shell may hold that would point a server at another stack.
