@@ -71,6 +71,7 @@ def main() -> None:
                 bootstrap_samples=p.bootstrap_samples,
                 seed=p.seed,
                 progress=progress,
+                reward_on_prompt=params.ppo.score_on == "prompt_response",
             )
         write_csv(args.samples, result.table(p.n_samples_table))
         plots = write_all(result.scores, args.ppo_curve, args.plots)

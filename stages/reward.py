@@ -28,6 +28,7 @@ from upbeat.rewards import (
     agreement,
     build_spec,
     load_scorer,
+    pairs_as_scored,
     save_spec,
     train_learned,
 )
@@ -57,6 +58,7 @@ def main() -> None:
             assert p.learned is not None
             train = labelled_train(raw, params.clean, p.learned.max_train_examples, p.learned.seed)
             pairs = pd.read_parquet(args.pairs) if args.pairs else None
+            pairs = pairs_as_scored(pairs, params.ppo.score_on)
             metrics["reward/pairs_available"] = float(0 if pairs is None else len(pairs))
             if pairs is not None and len(pairs) < p.learned.min_pairs:
                 print(

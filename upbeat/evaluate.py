@@ -254,8 +254,13 @@ def evaluate_policies(
     bootstrap_samples: int,
     seed: int,
     progress: Progress | None = None,
+    reward_on_prompt: bool = False,
 ) -> EvalResult:
     """Continue `prompts` with both models (same seeds), score, and compute every metric.
+
+    The reward reads each continuation as PPO read it: after its prompt when `reward_on_prompt`
+    (`ppo.score_on: prompt_response`), else alone; the judge always reads the continuation alone
+    (is what the model wrote positive?).
 
     `progress` gets an update per sampled batch (both sides count: 2 x batches in all) and a
     phase line before each part.
@@ -297,9 +302,13 @@ def evaluate_policies(
     after = sample_side(ppo_model, ppo_tok)
 
     phase("scoring")
+
+    def as_scored(texts: list[str]) -> list[str]:
+        return [p + t for p, t in zip(prompts, texts, strict=True)] if reward_on_prompt else texts
+
     scores = {
-        "before_reward": np.asarray(reward(before), float),
-        "after_reward": np.asarray(reward(after), float),
+        "before_reward": np.asarray(reward(as_scored(before)), float),
+        "after_reward": np.asarray(reward(as_scored(after)), float),
         "before_judge": np.asarray(judge(before), float),
         "after_judge": np.asarray(judge(after), float),
     }

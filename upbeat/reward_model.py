@@ -8,8 +8,8 @@ text once and fits the head on the cached features; only the head is saved (safe
 One loss takes both kinds of data (InstructGPT's reward model loss, Ouyang et al. 2022):
 - labelled texts: a class-balanced logistic loss whose logit is the score (positive vs negative);
 - preference pairs (TRL's `prompt`, `chosen`, `rejected` columns): Bradley–Terry,
-  −log σ(score(chosen) − score(rejected)). The continuation alone is scored (`chosen`,
-  `rejected`), as PPO scores its responses with `ppo.score_on: response`.
+  −log σ(score(chosen) − score(rejected)), on the texts as PPO's reward reads them
+  (`upbeat.rewards.pairs_as_scored`: after the prompt with `ppo.score_on: prompt_response`).
 
 The judge shares neither rows (`upbeat.data.clean.judge_side`) nor model family (the judge is
 TF-IDF n-grams + logistic regression; this is a transformer encoder) with it.

@@ -291,6 +291,15 @@ def train_learned(
     return learned_spec(params, model_dir, sha, training_md5(labelled, pairs)), fit
 
 
+def pairs_as_scored(pairs: Any, score_on: str) -> Any:
+    """Rated pairs as PPO's reward reads a continuation (`ppo.score_on`): after its prompt, or
+    alone. A rater judged each continuation after its prompt either way."""
+    if pairs is None or score_on != "prompt_response":
+        return pairs
+    return pairs.assign(chosen=pairs["prompt"] + pairs["chosen"],
+                        rejected=pairs["prompt"] + pairs["rejected"])  # fmt: skip
+
+
 def training_md5(labelled: Any, pairs: Any) -> str:
     """MD5 of the labelled rows (`text`, `target`) and pairs (`chosen`, `rejected`) trained on."""
     digest = hashlib.md5()

@@ -119,6 +119,26 @@ def test_evaluate_policies_same_model_has_no_delta(tiny):
     assert m["before/perplexity"] == pytest.approx(m["after/perplexity"])
     assert len(result.table(3)) == 3 and set(result.table(1)[0]) >= {"prompt", "before", "kl"}
 
+    # With `ppo.score_on: prompt_response` the reward reads prompt + continuation, as PPO did;
+    # the judge still reads the continuation alone.
+    seen: dict[str, list[str]] = {"reward": [], "judge": []}
+
+    def recorder(name):
+        def score(texts):
+            seen[name] += list(texts)
+            return np.zeros(len(texts))
+
+        return score
+
+    again = ev.evaluate_policies(
+        (model, tok), (model, tok), prompts, recorder("reward"), recorder("judge"),
+        max_new_tokens=5, temperature=1.0, batch_size=4, bootstrap_samples=10, seed=3,
+        reward_on_prompt=True,
+    )  # fmt: skip
+    full = [p + t for p, t in zip(prompts, again.before, strict=True)]
+    assert seen["reward"][: len(prompts)] == full
+    assert seen["judge"][: len(prompts)] == again.before
+
 
 def test_plots_render(tmp_path):
     from upbeat import plots

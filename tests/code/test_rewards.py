@@ -134,3 +134,15 @@ def test_roc_auc_ties_count_half() -> None:
 def test_agreement_needs_both_classes() -> None:
     with pytest.raises(UpbeatError, match="both negative"):
         agreement([0.1, 0.2], [0, 0])
+
+
+def test_rated_pairs_are_read_as_ppo_reads_a_continuation():
+    import pandas as pd
+
+    from upbeat.rewards import pairs_as_scored
+
+    pairs = pd.DataFrame({"prompt": ["so sad"], "chosen": [" but fine"], "rejected": [" ."]})
+    assert pairs_as_scored(pairs, "response") is pairs
+    full = pairs_as_scored(pairs, "prompt_response")
+    assert full.loc[0, ["chosen", "rejected"]].tolist() == ["so sad but fine", "so sad ."]
+    assert pairs_as_scored(None, "prompt_response") is None
