@@ -20,11 +20,11 @@ the state the previous one left):
    the endpoint back, the next run stores them;
 8. on an every-minute cron the server's scheduler creates the runs and the worker runs one to
    Completed, with no ERROR in the Prefect server's log meanwhile.
-9. a run survives PostgreSQL down for most of a minute; then `upbeat stack down` under it
-   refuses and stops nothing, and `--force` cancels the run first (Cancelled in Prefect, KILLED
-   in MLflow, its stage stopped), then stops the servers.
-Opt-in (`-m slow`, minutes by design): a run whose every process died at once is crashed by the
-server's heartbeat automation.
+9. `upbeat stack down` under a run refuses and stops nothing, and `--force` cancels the run
+   first (Cancelled in Prefect, KILLED in MLflow, its stage stopped), then stops the servers.
+Opt-in (`-m slow`, minutes by design): a run survives PostgreSQL down for most of a minute and is
+still Running past the crash automation's window; a run whose every process died at once is
+crashed by the server's heartbeat automation.
 """
 
 from __future__ import annotations
@@ -541,36 +541,24 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
     assert not errors, "\n".join(errors)
 
 
-def test_a_run_survives_a_database_outage_and_stack_down_under_it_refuses_or_cancels_it(
-    on_stack: Stack, project: Path
-) -> None:
-    from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS
-
-    steps = LONG_PPO + 4000  # PPO onwards stale, and outlasting what follows (it is cancelled)
+def long_run(st: Stack, project: Path) -> tuple[str, int]:
+    """Trigger a run whose PPO outlasts what a test does with it; (its id, PPO's steps) once
+    PPO is stepping."""
+    steps = LONG_PPO + 4000  # PPO onwards stale, and longer than anything waits for
     apply_overrides(project / "params.yaml", [f"ppo.steps={steps}"])
-    run_id = trigger(on_stack)
+    run_id = trigger(st)
     wait_until(
         "PPO stepping",
-        lambda: re.search(rf"ppo: step \d+/{steps}", logs_of(on_stack, run_id)),
+        lambda: re.search(rf"ppo: step \d+/{steps}", logs_of(st, run_id)),
         RUN_WAIT,
     )
-    # PostgreSQL down for most of a minute under the run (Prefect's server answers 500 meanwhile)
-    postgres = read_record(on_stack.root / "run", "postgres")
-    assert postgres is not None
-    outage = time.monotonic()
-    stop(postgres, signal.SIGINT)
-    time.sleep(PG_OUTAGE)
-    on_stack.up()
-    done = len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id)))
-    wait_until(
-        "PPO stepping on after the outage",
-        lambda: len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id))) > done,
-        RUN_WAIT,
-    )
-    # past the crash automation's window: the heartbeats lost in the outage did not crash it
-    time.sleep(max(0.0, outage + HEARTBEAT_SECONDS * (MISSED_HEARTBEATS + 1) - time.monotonic()))
-    assert state_of(on_stack, run_id).name == "Running", state_of(on_stack, run_id).message
+    return run_id, steps
 
+
+def test_stack_down_under_a_run_refuses_and_with_force_cancels_it_first(
+    on_stack: Stack, project: Path
+) -> None:
+    run_id, _ = long_run(on_stack, project)
     servers = [r for n in NAMES if (r := read_record(on_stack.root / "run", n))]
     refused = on_stack.cli("down", check=False)
     assert refused.returncode == 1, refused.stdout
@@ -589,6 +577,35 @@ def test_a_run_survives_a_database_outage_and_stack_down_under_it_refuses_or_can
 
 
 @pytest.mark.slow
+def test_a_run_survives_a_database_outage(on_stack: Stack, project: Path) -> None:
+    """PostgreSQL down for most of a minute under a run (Prefect's server answers 500 meanwhile):
+    the run steps on, and is still Running past the crash automation's window (opt-in: that
+    window is minutes by design)."""
+    from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, deploy
+
+    with prefect_at(on_stack):  # on its own under `-m slow`: the story's deployment may be absent
+        deploy(project, WORK_POOL, cron=None, monitor_cron=None)
+    run_id, _ = long_run(on_stack, project)
+    postgres = read_record(on_stack.root / "run", "postgres")
+    assert postgres is not None
+    outage = time.monotonic()
+    stop(postgres, signal.SIGINT)
+    time.sleep(PG_OUTAGE)
+    on_stack.up()
+    done = len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id)))
+    wait_until(
+        "PPO stepping on after the outage",
+        lambda: len(re.findall(r"ppo: step \d+/", logs_of(on_stack, run_id))) > done,
+        RUN_WAIT,
+    )
+    # past the crash automation's window: the heartbeats lost in the outage did not crash it
+    time.sleep(max(0.0, outage + HEARTBEAT_SECONDS * (MISSED_HEARTBEATS + 1) - time.monotonic()))
+    assert state_of(on_stack, run_id).name == "Running", state_of(on_stack, run_id).message
+    assert "cancelled" in on_stack.cli("down", "--force").stdout
+    on_stack.up()
+
+
+@pytest.mark.slow
 def test_a_run_whose_processes_all_died_is_crashed_by_the_heartbeat_automation(
     stack: Stack, project: Path
 ) -> None:
@@ -598,7 +615,7 @@ def test_a_run_whose_processes_all_died_is_crashed_by_the_heartbeat_automation(
     from flows.deploy import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, deploy
 
     with prefect_at(stack):
-        deploy(project, WORK_POOL, cron=None)
+        deploy(project, WORK_POOL, cron=None, monitor_cron=None)
     stack.up()  # a worker, whatever the story before left
     apply_overrides(project / "params.yaml", ["evaluate.n_samples_table=3"])  # evaluate is stale
     run_id = trigger(stack)
