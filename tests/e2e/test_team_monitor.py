@@ -12,6 +12,7 @@ One ordered story on a tiny project deployed to the stack (`upbeat deploy`):
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from test_team_flow import (
     parent_run,
     prefect_at,
     registry_state,
+    stage_outcomes,
     wait_final,
     wait_until,
 )
@@ -118,6 +120,36 @@ def test_a_retrain_makes_the_first_champion(on_stack: Stack, project: Path) -> N
     assert registry_state() == ("1", 1)
 
 
+VOTES = 6
+
+
+def test_votes_on_the_page_go_to_the_stacks_postgres(on_stack: Stack, project: Path) -> None:
+    """Team mode: the rating page on the stack's `feedback` database, a rater voting through it."""
+    from feedback_server import serving
+
+    from upbeat.feedback.simulate import rate
+    from upbeat.feedback.store import Store
+
+    db = on_stack.client["UPBEAT_FEEDBACK_DB"]
+    assert db.startswith("postgresql")
+    store = Store(db)
+    token = store.add_rater("ann")
+    store.add_pairs(
+        dict(prompt=f"day {i}", text_a=f" so great {i}", text_b=f" so awful {i}",
+             model_a="models:/upbeat-policy/1", model_b="models:/upbeat-policy/1", seed=i)
+        for i in range(VOTES)
+    )  # fmt: skip
+
+    def person(texts):  # prefers "great"
+        return [float("great" in t) for t in texts]
+
+    with serving(project.parent / "page", db, "--votes-per-minute", "600") as (url, _):
+        given = rate(url, token, person, votes=VOTES, deadline=120)
+    assert sum(given.values()) == VOTES
+    assert len(store.export()) == VOTES
+    store.close()
+
+
 def test_a_drifted_drop_starts_a_retrain_on_the_worker_that_says_why(
     on_stack: Stack, project: Path
 ) -> None:
@@ -146,6 +178,10 @@ def test_a_drifted_drop_starts_a_retrain_on_the_worker_that_says_why(
     assert mv.tags["gate.passed"] in ("True", "False")  # the gate decided
     assert mv.tags["retrain.reason"].startswith("drift: ")
     assert "Retrained because drift: " in (registry.read_card(MODEL, "2") or "")
+    # the deployed retrain exported the votes from the stack's PostgreSQL and used them
+    assert stage_outcomes(parent_run(run_id))["feedback"] == "ran"
+    feedback = json.loads((project / "reports" / "feedback.json").read_text())
+    assert feedback["feedback/votes"] == VOTES and feedback["feedback/pairs"] == VOTES
 
 
 def test_a_second_drifted_tick_inside_the_cooldown_starts_nothing(
