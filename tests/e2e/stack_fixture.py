@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -69,7 +70,8 @@ class Stack:
         done = self.cli("up")
         self.seen += [r for n in NAMES if (r := read_record(self.root / "run", n))]
         lines = self.cli("status", "--exports").stdout.splitlines()
-        self.client = dict(ln.removeprefix("export ").split("=", 1) for ln in lines if ln)
+        pairs = (ln.removeprefix("export ").split("=", 1) for ln in lines if ln)
+        self.client = {k: "".join(shlex.split(v)) for k, v in pairs}  # as a shell would read it
         return done
 
     def client_env(self) -> dict[str, str]:

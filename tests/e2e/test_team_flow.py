@@ -347,8 +347,13 @@ def test_the_prefect_ui_in_a_browser_shows_the_deployment_and_the_pools_runs(
         link = f"a[href$='/deployments/deployment/{deployment.id}']"
         found = page.until(lambda d: d.find_elements(By.CSS_SELECTOR, link))
         assert found[0].text == "scheduled"
-        flows = driver.find_elements(By.CSS_SELECTOR, "a[href*='/flows/flow/']")
-        assert "retrain" in [a.text for a in flows]
+        # the row's flow link fills in after its own request: wait for its name, not the link
+        page.until(
+            lambda d: (
+                "retrain"
+                in [a.text for a in d.find_elements(By.CSS_SELECTOR, "a[href*='/flows/flow/']")]
+            )
+        )
 
         driver.get(api.removesuffix("/api") + f"/work-pools/work-pool/{WORK_POOL}")
         page.until(lambda d: run_name in d.find_element(By.TAG_NAME, "body").text)
