@@ -256,7 +256,13 @@ def score_champion(
         seed=params.monitor.seed,
         batch_size=p.batch_size,
     )
-    r, j = np.asarray(reward(texts), float), np.asarray(judge(texts), float)
+    # the reward reads a continuation as PPO and evaluate did (`ppo.score_on`); the judge alone
+    as_scored = (
+        [pr + t for pr, t in zip(prompts, texts, strict=True)]
+        if params.ppo.score_on == "prompt_response"
+        else texts
+    )
+    r, j = np.asarray(reward(as_scored), float), np.asarray(judge(texts), float)
     out = {
         "champion/n_prompts": float(len(prompts)),
         "champion/reward_mean": float(r.mean()),
