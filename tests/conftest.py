@@ -28,6 +28,18 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="upbeat-tests-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+from upbeat.config import GateParams  # noqa: E402  (after the environment above)
+
+GATE = GateParams(
+    metric="after/reward_mean",
+    min_judge_delta=0.0,
+    min_judge_share_delta=0.1,
+    max_kl=6.0,
+    min_distinct_2=0.2,
+)
+"""The promotion gate the registry and model-card tests check versions against."""
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -266,6 +266,7 @@ def evaluate_policies(
     phase line before each part.
     """
     from upbeat.generation import sample_continuations
+    from upbeat.rewards import as_scored
 
     (sft_model, tok), (ppo_model, ppo_tok) = sft, ppo
     starts = range(0, len(prompts), batch_size)
@@ -302,13 +303,10 @@ def evaluate_policies(
     after = sample_side(ppo_model, ppo_tok)
 
     phase("scoring")
-
-    def as_scored(texts: list[str]) -> list[str]:
-        return [p + t for p, t in zip(prompts, texts, strict=True)] if reward_on_prompt else texts
-
+    read_on = "prompt_response" if reward_on_prompt else "response"
     scores = {
-        "before_reward": np.asarray(reward(as_scored(before)), float),
-        "after_reward": np.asarray(reward(as_scored(after)), float),
+        "before_reward": np.asarray(reward(as_scored(prompts, before, read_on)), float),
+        "after_reward": np.asarray(reward(as_scored(prompts, after, read_on)), float),
         "before_judge": np.asarray(judge(before), float),
         "after_judge": np.asarray(judge(after), float),
     }

@@ -3,7 +3,6 @@ replace good ones."""
 
 from __future__ import annotations
 
-import filecmp
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 
 
 @contextmanager
-def replacing(path: str | Path, *, unless_identical: bool = False) -> Iterator[Path]:
+def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it replaces `path` (one rename) only when the
-    block ends without an exception, and is removed when it does not. `unless_identical`: also
-    removed when `path` holds the same bytes already (the file, and its mtime, untouched)."""
+    block ends without an exception, and is removed when it does not. A block that removes it
+    itself keeps `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")  # same folder: the rename cannot cross filesystems
@@ -23,9 +22,7 @@ def replacing(path: str | Path, *, unless_identical: bool = False) -> Iterator[P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if unless_identical and path.is_file() and filecmp.cmp(path, tmp, shallow=False):
-        tmp.unlink()
-    else:
+    if tmp.exists():
         tmp.replace(path)
 
 

@@ -245,6 +245,7 @@ def score_champion(
     since registration; plus the sample table."""
     from upbeat.evaluate import distinct_n, mean_length, share_positive
     from upbeat.generation import sample_continuations
+    from upbeat.rewards import as_scored
 
     p = params.evaluate
     texts = sample_continuations(
@@ -257,12 +258,8 @@ def score_champion(
         batch_size=p.batch_size,
     )
     # the reward reads a continuation as PPO and evaluate did (`ppo.score_on`); the judge alone
-    as_scored = (
-        [pr + t for pr, t in zip(prompts, texts, strict=True)]
-        if params.ppo.score_on == "prompt_response"
-        else texts
-    )
-    r, j = np.asarray(reward(as_scored), float), np.asarray(judge(texts), float)
+    read = as_scored(prompts, texts, params.ppo.score_on)
+    r, j = np.asarray(reward(read), float), np.asarray(judge(texts), float)
     out = {
         "champion/n_prompts": float(len(prompts)),
         "champion/reward_mean": float(r.mean()),

@@ -291,6 +291,13 @@ def train_learned(
     return learned_spec(params, model_dir, sha, training_md5(labelled, pairs)), fit
 
 
+def as_scored(prompts: Sequence[str], texts: Sequence[str], score_on: str) -> list[str]:
+    """Continuations as PPO's reward reads them (`ppo.score_on`): after their prompts, or alone."""
+    if score_on != "prompt_response":
+        return list(texts)
+    return [p + t for p, t in zip(prompts, texts, strict=True)]
+
+
 def pairs_as_scored(pairs: Any, score_on: str) -> Any:
     """Rated pairs as PPO's reward reads a continuation (`ppo.score_on`): after its prompt, or
     alone. A rater judged each continuation after its prompt either way."""

@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from conftest import ROOT
+from conftest import GATE, ROOT
 
 from upbeat import model_card, registry
-from upbeat.config import GateParams, load_params
+from upbeat.config import load_params
 from upbeat.model_card import CardInputs
 
 METRICS = {
@@ -58,13 +58,6 @@ CARD = CardInputs(
     ],
     reward="vader: compound",
     judge="lexicon",
-)
-GATE = GateParams(
-    metric="after/reward_mean",
-    min_judge_delta=0.0,
-    min_judge_share_delta=0.1,
-    max_kl=6.0,
-    min_distinct_2=0.2,
 )
 
 

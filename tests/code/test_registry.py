@@ -6,18 +6,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import GATE
 
 from upbeat import registry
-from upbeat.config import GateParams
 from upbeat.errors import UpbeatError
 
-GATE = GateParams(
-    metric="after/reward_mean",
-    min_judge_delta=0.0,
-    min_judge_share_delta=0.1,
-    max_kl=6.0,
-    min_distinct_2=0.2,
-)
 NAME = "test-policy"
 
 

@@ -156,9 +156,11 @@ def write_table(table: pa.Table, path: str | Path) -> bool:
     """Write the table byte-for-byte reproducibly (same rows, same bytes), atomically; False (and
     the file untouched) when it holds these bytes already."""
     path = Path(path)
-    with replacing(path, unless_identical=True) as tmp:
+    with replacing(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=True)
         changed = not (path.is_file() and filecmp.cmp(path, tmp, shallow=False))
+        if not changed:
+            tmp.unlink()  # the same bytes: the file, and its mtime, stay
     return changed
 
 
