@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--train", required=True, help="cleaned train split (Parquet, `text`)")
     parser.add_argument("--out", required=True, help="directory for the PPO policy")
     parser.add_argument("--checkpoints", required=True, help="resumable checkpoints directory")
+    parser.add_argument("--snapshots", required=True, help="directory for the policy snapshots")
     parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
     parser.add_argument("--curve", required=True, help="per-step metrics CSV (dvc plots)")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
@@ -71,6 +72,7 @@ def main() -> None:
             resume=not args.fresh,
             run_key=content_hash(args.sft, args.reward_spec),
             on_step=on_step,
+            snapshot_dir=args.snapshots,
         )
 
     with process_group(device):

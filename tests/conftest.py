@@ -38,6 +38,7 @@ GATE = GateParams(
     min_judge_share_delta=0.1,
     max_kl=6.0,
     min_distinct_2=0.2,
+    min_judge_share_over_best_of_n=None,
 )
 """The promotion gate the registry and model-card tests check versions against."""
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -301,3 +302,43 @@ def _read_tensors(file: Path, sha256: dict[str, str]) -> dict[str, torch.Tensor]
             "one state.json recorded)"
         )
     return load_tensors(data)
+
+
+# --- snapshots: the policy at chosen steps, kept for evaluate's over-optimisation curve ---------
+
+
+def save_snapshot(directory: Path, step: int, weights: dict[str, torch.Tensor]) -> Path:
+    """Write the policy's trained weights after `step` as `step-<step>.safetensors` (names as in
+    the model's own state dict, so `load_snapshot` applies them onto the SFT model)."""
+    from upbeat.files import replacing
+
+    path = directory / f"step-{step:06d}.safetensors"
+    with replacing(path) as tmp:
+        _write(tmp, save_tensors(_plain(weights)))
+    return path
+
+
+def snapshots(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of each snapshot in `directory`, oldest first (none if it is absent)."""
+    found = [
+        (p.name.removeprefix("step-").removesuffix(".safetensors"), p)
+        for p in directory.glob("step-*.safetensors")
+    ]
+    return sorted((int(step), path) for step, path in found if step.isdigit())
+
+
+def prune_snapshots(directory: Path, after: int) -> None:
+    """Delete the snapshots of steps after `after`: a resumed run redoes those steps (0: all)."""
+    for step, path in snapshots(directory):
+        if step > after:
+            path.unlink()
+
+
+def load_snapshot(path: Path) -> dict[str, torch.Tensor]:
+    """A snapshot's tensors; a truncated file is a CheckpointError that names it."""
+    try:
+        return load_tensors(path.read_bytes())
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"{path} is truncated or damaged ({exc}); run `dvc repro ppo`"
+        ) from None

@@ -112,6 +112,24 @@ def metrics_table(metrics: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def overoptimisation_lines(metrics: Mapping[str, float]) -> list[str]:
+    """PPO's judge share against best-of-n's at the same KL, and where the judge peaked."""
+    m = metrics
+    if "vs_best_of_n/judge_positive_share" not in m:
+        return ["No over-optimisation curve was measured."]
+    over = m["vs_best_of_n/judge_positive_share"]
+    return [
+        f"On {_num(m, 'curve/n_prompts', '.0f')} of the prompts, best-of-n from the SFT model "
+        f"(n up to {_num(m, 'best_of_n/max_n', '.0f')}, KL log n − (n−1)/n) reaches a judge share "
+        f"positive of {_num(m, 'best_of_n/judge_positive_share_at_ppo_kl')} at this model's KL: "
+        f"PPO {'beats' if over > 0 else '**does not beat**'} it ({over:+.3f}).",
+        f"Along PPO's run the judge's share peaked at step "
+        f"{_num(m, 'curve/judge_peak_step', '.0f')} ({_num(m, 'curve/judge_peak_share')}); the "
+        f"final model is {_num(m, 'curve/judge_final_below_peak')} below that peak "
+        "(`overoptimisation.png`).",
+    ]
+
+
 def samples_table(samples: list[dict[str, Any]]) -> list[str]:
     if not samples:
         return ["No samples were recorded."]
@@ -217,6 +235,8 @@ def render(card: CardInputs, version: str, gate: str = PENDING) -> str:
         " ".join(reward_lines(card)),
         "## Evaluation: before (SFT) → after (this model)",
         "\n".join(metrics_table(card.metrics)),
+        "### Over-optimisation and best-of-n",
+        " ".join(overoptimisation_lines(card.metrics)),
         GATE_HEADING,
         gate,
         "## Samples",
@@ -290,7 +310,7 @@ def load_card_inputs(
     metrics: Mapping[str, float],
     samples: Path,
     git_commit: str,
-    n_samples: int = 3,
+    n_samples: int = 20,
     reward_version: str | None = None,
     reason: str = "",
     reward_metrics: Mapping[str, float] | None = None,

@@ -3,13 +3,17 @@
 - `scores_hist.png`: before/after histograms of the reward and the judge, side by side;
 - `ppo_curve.png`: PPO's training curve from `reports/ppo_curve.csv` (score, reward, KL by step);
 - `reward_vs_kl.png`: per-prompt after-reward against its KL to the SFT model, the trade-off PPO
-  buys, with the PPO trajectory (mean score vs mean KL per step) when the curve has both.
+  buys, with the PPO trajectory (mean score vs mean KL per step) when the curve has both;
+- `overoptimisation.png`: judge and reward against KL for PPO's snapshots and best-of-n
+  (upbeat/overoptimisation.py).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,3 +117,32 @@ def write_all(
     ppo_curve(curve, paths[1])
     reward_vs_kl(scores["kl"], scores["after_reward"], curve, paths[2])
     return paths
+
+
+def overoptimisation(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Judge and reward share positive against KL for PPO's snapshots (labelled by step) and
+    best-of-n (labelled by n), on √KL as Gao et al. plot it."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, score in zip(axes, ("judge", "reward"), strict=True):
+        for policy, style, label in (
+            ("ppo", "-o", "PPO (step)"),
+            ("best_of_n", "--s", "best of n"),
+        ):
+            mine = [r for r in rows if r["policy"] == policy]
+            xs = [math.sqrt(max(r["kl"], 0.0)) for r in mine]
+            ys = [r[f"{score}_positive_share"] for r in mine]
+            ax.plot(xs, ys, style, ms=4, label=label)
+            for x, y, r in zip(xs, ys, mine, strict=True):
+                ax.annotate(
+                    str(r["x"]), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points"
+                )
+        ax.set(
+            title=f"{score} share positive",
+            xlabel="√KL to the SFT model (√nats)",
+            ylabel="share of continuations > 0",
+        )
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

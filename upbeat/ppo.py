@@ -38,8 +38,10 @@ from upbeat.checkpoints import (
     find_resumable,
     fingerprint,
     load_checkpoint,
+    prune_snapshots,
     remove_checkpoints,
     save_checkpoint,
+    save_snapshot,
 )
 from upbeat.config import PPOParams
 from upbeat.errors import TrainingError
@@ -318,6 +320,7 @@ class _Run:
     bf16: bool
     run_id: str  # the fingerprint a checkpoint must carry to be resumed by this run
     ckpt_dir: Path | None
+    snapshot_dir: Path | None = None
 
 
 def train(
@@ -331,6 +334,7 @@ def train(
     resume: bool = True,
     run_key: str = "",
     on_step: StepCallback | None = None,
+    snapshot_dir: str | Path | None = None,
 ) -> PPOResult:
     """Run PPO on `model` (modified in place: its top blocks and final norm are trained).
 
@@ -340,6 +344,8 @@ def train(
     `run_key` and process count (`PPOResult.skipped_checkpoints` says why others were passed
     over).
     `on_step(step, metrics)` is called after every step (logging lives with the caller).
+    With `snapshot_dir`, the policy's trained weights are kept every `cfg.snapshot_every` steps
+    (evaluate scores them for the over-optimisation curve); a resumed run keeps the earlier ones.
 
     Under torchrun (`cfg.processes` > 1, see `upbeat.distributed`) each process samples, scores
     and trains on its `Share` of every batch and minibatch; the statistics that must be the whole
@@ -352,6 +358,9 @@ def train(
     bf16 = resolve_bf16(cfg.bf16, model_device(model))  # `auto`: only on bf16 hardware
     with Hydra(model, cfg.train_top_blocks, bf16=bf16) as hydra:  # restores attention on exit
         run = _setup(hydra, tokenizer, texts, cfg, bf16, checkpoint_dir, resume, run_key)
+        if snapshot_dir is not None and distributed.is_main():
+            run.snapshot_dir = Path(snapshot_dir)
+            prune_snapshots(run.snapshot_dir, after=run.result.resumed_from)
         for step in range(run.result.resumed_from, cfg.steps):
             metrics = ppo_step(run, tokenizer, scorer, cfg, step)
             run.result.history.append(metrics)
@@ -359,6 +368,7 @@ def train(
                 if on_step is not None:
                     on_step(step + 1, metrics)
                 _checkpoint(run, cfg, step + 1)
+                _snapshot(run, cfg, step + 1)
     return run.result
 
 
@@ -515,6 +525,15 @@ def _checkpoint(run: _Run, cfg: PPOParams, done: int) -> None:
         kl_coef=run.kl_ctl.value,
         history=run.result.history,
     )
+
+
+def _snapshot(run: _Run, cfg: PPOParams, done: int) -> None:
+    """Keep the policy's trained weights after step `done` every `snapshot_every` steps."""
+    if run.snapshot_dir is None or not cfg.snapshot_every or done % cfg.snapshot_every:
+        return
+    trained = run.hydra.trained_parameters().items()  # the value head is PPO's own: left out
+    policy = {name.removeprefix("model."): p for name, p in trained if name.startswith("model.")}
+    save_snapshot(run.snapshot_dir, done, policy)
 
 
 def _resume_point(

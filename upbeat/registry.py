@@ -48,6 +48,7 @@ JUDGE_DELTA = "delta/judge_mean"
 JUDGE_SHARE_DELTA = "delta/judge_positive_share"
 KL = "after/kl_mean"
 DISTINCT_2 = "after/distinct_2"
+OVER_BEST_OF_N = "vs_best_of_n/judge_positive_share"  # upbeat/overoptimisation.py
 TAG_LIMIT = 5000  # MLflow's limit on a tag value
 REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
 
@@ -106,6 +107,23 @@ def gate(
         ok = got > bound if op == ">" else got < bound
         shown = op if ok else {">": "<=", "<": ">="}[op]
         check(ok, f"{key} {got:.4f} {shown} {bound:g}")
+
+    # Best-of-n from the SFT model at PPO's KL: required only when a margin is set, said always.
+    over = value(challenger, OVER_BEST_OF_N)
+    bound = params.min_judge_share_over_best_of_n
+    if bound is not None:
+        ok = over is not None and over > bound
+        check(
+            ok,
+            f"{OVER_BEST_OF_N} {'missing' if over is None else f'{over:+.4f}'} "
+            f"{'>' if ok else '<='} {bound:g}",
+        )
+    elif over is not None:
+        beats = "beats" if over > 0 else "does NOT beat"
+        reasons.append(
+            f"note: PPO {beats} best-of-n on the judge's share positive at its KL "
+            f"({over:+.4f}; not required: gate.min_judge_share_over_best_of_n null)"
+        )
     return Decision(passed, reasons)
 
 

@@ -96,6 +96,26 @@ def test_metrics_have_before_after_and_the_interval():
     assert "| KL(after ‖ before), nats | – | 2.125 | – |" in body
 
 
+def test_card_says_whether_ppo_beats_best_of_n_at_its_kl():
+    curve = {
+        "curve/n_prompts": 128.0,
+        "best_of_n/max_n": 64.0,
+        "curve/judge_peak_step": 90.0,
+        "best_of_n/judge_positive_share_at_ppo_kl": 0.41,
+        "curve/judge_peak_share": 0.38,
+        "vs_best_of_n/judge_positive_share": -0.05,
+        "curve/judge_final_below_peak": 0.02,
+    }
+    card = model_card.CardInputs(**{**CARD.__dict__, "metrics": {**METRICS, **curve}})
+    body = model_card.render(card, "3")
+    assert (
+        "reaches a judge share positive of 0.410 at this model's KL: PPO **does not beat** it "
+        "(-0.050)" in body
+    )
+    assert "peaked at step 90 (0.380)" in body
+    assert "No over-optimisation curve was measured." in model_card.render(CARD, "3")
+
+
 def test_samples_stay_one_row_each_and_carry_no_html():
     body = section(model_card.render(CARD, "3"), "Samples")
     rows = [ln for ln in body.splitlines() if ln.startswith("| ugh")]

@@ -60,6 +60,22 @@ def test_gate_bounds(kwargs, failing):
     assert len(failed) == 1 and failing in failed[0]
 
 
+def test_gate_says_whether_ppo_beats_best_of_n_and_requires_it_only_with_a_margin():
+    lost = {**metrics(0.3), "vs_best_of_n/judge_positive_share": -0.05}
+    said = registry.gate(lost, None, GATE)
+    assert said.passed  # no margin set: reported, not required
+    assert any(r.startswith("note: PPO does NOT beat best-of-n") for r in said.reasons)
+    required = registry.gate(
+        lost, None, GATE.model_copy(update={"min_judge_share_over_best_of_n": 0.0})
+    )
+    assert not required.passed
+    assert "FAIL: vs_best_of_n/judge_positive_share -0.0500 <= 0" in required.reasons
+    absent = registry.gate(
+        metrics(0.3), None, GATE.model_copy(update={"min_judge_share_over_best_of_n": 0.0})
+    )
+    assert not absent.passed  # a required comparison that was not measured fails
+
+
 def test_gate_missing_metric_fails():
     decision = registry.gate({"after/reward_mean": 0.5}, None, GATE)
     assert not decision.passed

@@ -21,7 +21,7 @@ from upbeat.rewards import build_spec, save_spec
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
     "--sft", "sft", "--reward-spec", "reward_spec.json", "--train", "train.parquet",
-    "--out", "models/ppo", "--checkpoints", "checkpoints/ppo",
+    "--out", "models/ppo", "--checkpoints", "checkpoints/ppo", "--snapshots", "models/snapshots",
     "--metrics", "reports/ppo.json", "--curve", "reports/ppo_curve.csv",
 ]  # fmt: skip
 
@@ -39,7 +39,7 @@ def project(tmp_path: Path, tiny_llama: Path) -> Path:
     params["reward"]["kind"] = "vader"  # the stage's mechanics; a learned reward: test_flow.py
     params["ppo"].update(
         steps=3, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
-        prompt_max_tokens=4, checkpoint_every=2, train_top_blocks=1,
+        prompt_max_tokens=4, checkpoint_every=2, snapshot_every=2, train_top_blocks=1,
     )  # fmt: skip
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "sft").symlink_to(tiny_llama)
@@ -86,6 +86,7 @@ def test_ppo_stage_writes_policy_curve_metrics_and_resumes(project: Path) -> Non
         "step-000002",
         "step-000003",
     ]
+    assert [p.name for p in (project / "models/snapshots").iterdir()] == ["step-000002.safetensors"]
 
     again = run_stage(project)  # same params and inputs: resumes at the end, same metrics
     assert again.returncode == 0, again.stderr

@@ -171,8 +171,8 @@ def test_a_killed_stage_process_is_retried_once_and_resumes(project, env, tmp_pa
         sys.executable, "stages/ppo.py", "--fresh",
         "--sft", "models/sft", "--reward-spec", "models/reward_spec.json",
         "--train", "data/clean/train.parquet", "--out", str(out / "ppo"),
-        "--checkpoints", str(out / "ckpt"), "--metrics", str(out / "ppo.json"),
-        "--curve", str(out / "curve.csv"),
+        "--checkpoints", str(out / "ckpt"), "--snapshots", str(out / "snapshots"),
+        "--metrics", str(out / "ppo.json"), "--curve", str(out / "curve.csv"),
     ]  # fmt: skip
     subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
     resumed = json.loads((project / "reports" / "ppo.json").read_text())

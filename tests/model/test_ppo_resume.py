@@ -15,9 +15,10 @@ import tiny
 import torch
 
 import upbeat.models
-from upbeat.checkpoints import latest_checkpoint
+from upbeat.checkpoints import latest_checkpoint, snapshots
 from upbeat.config import load_params
 from upbeat.models import load_policy
+from upbeat.overoptimisation import snapshot_policy
 from upbeat.ppo import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,7 @@ UPDATE = dict(
     max_new_tokens=6,
     train_top_blocks=1,
     checkpoint_every=2,
+    snapshot_every=1,
     seed=7,
 )
 # Runs PPO in a child process that SIGKILLs itself right after step 3 (checkpoint: step 2).
@@ -50,7 +52,8 @@ CHILD = textwrap.dedent(
     def on_step(step, metrics):
         if step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
-    train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir={ckpt!r}, on_step=on_step)
+    train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir={ckpt!r}, on_step=on_step,
+          snapshot_dir={snap!r})
     """
 )
 
@@ -59,10 +62,10 @@ def score(texts):
     return np.array([t.count("a") for t in texts], dtype=float)
 
 
-def _run(model_dir: Path, ckpt: Path | None, **changes):
+def _run(model_dir: Path, ckpt: Path | None, snap: Path | None = None, **changes):
     model, tok = load_policy(str(model_dir))
     cfg = load_params(ROOT / "params.yaml").ppo.model_copy(update={**UPDATE, **changes})
-    result = train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir=ckpt)
+    result = train(model, tok, score, tiny.CORPUS, cfg, checkpoint_dir=ckpt, snapshot_dir=snap)
     return result, model
 
 
@@ -79,19 +82,22 @@ def one_thread():
 
 
 def test_sigkilled_run_resumes_to_the_same_end(tiny_llama, tmp_path, one_thread):
-    ckpt = tmp_path / "ckpt"
+    ckpt, snap = tmp_path / "ckpt", tmp_path / "snapshots"
     code = CHILD.format(
         tests=str(ROOT / "tests"),
         model=str(tiny_llama),
         params=str(ROOT / "params.yaml"),
         update=UPDATE,
         ckpt=str(ckpt),
+        snap=str(snap),
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert latest_checkpoint(ckpt).name == "step-000002"
+    assert [step for step, _ in snapshots(snap)] == [1, 2]  # killed before step 3's was kept
+    (snap / "step-000009.safetensors").write_bytes(b"from a run that went further")
 
-    resumed, resumed_model = _run(tiny_llama, ckpt)
+    resumed, resumed_model = _run(tiny_llama, ckpt, snap)
     straight, straight_model = _run(tiny_llama, None)
 
     assert resumed.resumed_from == 2
@@ -102,6 +108,13 @@ def test_sigkilled_run_resumes_to_the_same_end(tiny_llama, tmp_path, one_thread)
     ):
         assert torch.equal(a, b), name
     assert latest_checkpoint(ckpt).name == "step-000005"  # the last step is always saved
+    # Every step kept once (those before the kill too), none beyond the resume point left over;
+    # the last snapshot put onto the untrained model is the trained policy.
+    kept = dict(snapshots(snap))
+    assert sorted(kept) == [1, 2, 3, 4, 5]
+    last, _ = snapshot_policy(tiny_llama, kept[5], "cpu")
+    for (name, a), b in zip(last.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_half_written_checkpoint_is_ignored(tiny_llama, tmp_path, one_thread):
