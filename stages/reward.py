@@ -31,6 +31,7 @@ from upbeat.rewards import (
     pairs_as_scored,
     save_spec,
     train_learned,
+    with_vader,
 )
 from upbeat.tracking import log_metrics, stage_run, write_json
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="reward spec JSON to write")
     parser.add_argument("--model-out", required=True, help="directory for a learned model's head")
     parser.add_argument("--pairs", help="preference pairs Parquet (prompt, chosen, rejected)")
+    parser.add_argument("--sft-train", help="the SFT's training split (scales an ensemble)")
     parser.add_argument("--metrics", required=True, help="DVC metrics JSON to write")
     args = parser.parse_args()
 
@@ -52,6 +54,7 @@ def main() -> None:
     raw = load_canonical(args.labelled)
     labelled = labelled_eval(raw, params.clean, p.max_eval_examples)
     metrics: dict[str, float] = {}
+    learned: LearnedScorer | None = None
     with stage_run("reward", p.model_dump()):
         Path(args.model_out).mkdir(parents=True, exist_ok=True)
         if p.kind == "learned":
@@ -74,6 +77,15 @@ def main() -> None:
             metrics.update(fit.pair_metrics)
             if pairs is not None:
                 metrics.update(rater_agreement(pairs))
+            learned = LearnedScorer(spec)
+            if p.ensemble is not None and p.ensemble.with_vader:
+                sft_texts = load_canonical(args.sft_train)["text"].astype(str)
+                sft_texts = sft_texts.sample(
+                    n=min(p.ensemble.texts, len(sft_texts)), random_state=0
+                )
+                spec = with_vader(spec, sft_texts.tolist(), p.ensemble.lam)
+                metrics["reward/ensemble_scale_learned"] = spec.ensemble_scales[0]
+                metrics["reward/ensemble_scale_vader"] = spec.ensemble_scales[1]
         else:
             spec = build_spec(p)
             (Path(args.model_out) / "kind.txt").write_text(f"{p.kind}: no trained weights\n")
@@ -89,9 +101,9 @@ def main() -> None:
         for key, value in agreement(human_scores, human["target"].to_numpy()).items():
             metrics[key.replace("reward/", "human/")] = value
         metrics["human/eval_texts"] = float(len(human))
-        if isinstance(scorer, LearnedScorer):
+        if learned is not None:  # the reward model's own logits, with or without VADER beside
             polar = labelled["target"].isin([0, 4]).to_numpy()
-            logits = scorer.logits(labelled["text"][polar].tolist())
+            logits = learned.logits(labelled["text"][polar].tolist())
             positive = labelled["target"].to_numpy()[polar] == 4
             metrics.update({f"reward/{k}": v for k, v in calibration(logits, positive).items()})
         save_spec(spec, args.out)

@@ -170,6 +170,18 @@ class LearnedRewardParams(_Block):
     """Seed for sampling the training tweets."""
 
 
+class EnsembleParams(_Block):
+    """The learned reward combined with VADER (`kind: learned`; the other kinds ignore it): each
+    is divided by its spread on the SFT model's training tweets, then combined as mean − λ·std."""
+
+    with_vader: bool
+    """Combine VADER's score with the learned reward's (False: the learned reward alone)."""
+    lam: float = Field(ge=0)
+    """λ of mean − λ·std over the two scaled scores; 1 is the lower of the two, 0 their mean."""
+    texts: int = Field(ge=10)
+    """SFT training tweets each score's spread is measured on."""
+
+
 class RewardParams(_Block):
     kind: Literal["vader", "hf", "learned"]
     """`vader` (offline lexicon), `hf` (a sequence-classification model named by `model`) or
@@ -194,6 +206,8 @@ class RewardParams(_Block):
     sample."""
     learned: LearnedRewardParams | None = None
     """How the reward stage trains the reward model, for `kind: learned`."""
+    ensemble: EnsembleParams | None = None
+    """For `kind: learned`: a second opinion from VADER in the reward PPO maximises."""
 
 
 class PPOParams(_Training):

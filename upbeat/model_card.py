@@ -321,6 +321,8 @@ def load_card_inputs(
     if reward.kind == "learned":
         backbone = reward.learned.backbone if reward.learned else "?"
         described = f"learned: {backbone} + scalar head, registered as {reward_version or '?'}"
+        if reward.ensemble is not None and reward.ensemble.with_vader:
+            described += f", with VADER (mean − {reward.ensemble.lam:g}·std of the two, scaled)"
     elif reward.kind == "vader":
         described = f"vader: {reward.vader_score}"
     else:

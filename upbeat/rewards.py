@@ -70,6 +70,11 @@ class RewardSpec(BaseModel):
     """For learned: SHA-256 of the encoder's weights (another wheel version would score apart)."""
     train_data_md5: str | None = None
     """For learned: MD5 of the labelled rows and pairs it trained on (its data version)."""
+    ensemble_scales: list[float] | None = None
+    """For learned with VADER: each score's spread (std) on the SFT's training tweets, learned
+    first; None: the learned reward alone."""
+    ensemble_lambda: float | None = None
+    """For learned with VADER: λ of mean − λ·std over the two scaled scores."""
 
 
 def build_spec(params: RewardParams) -> RewardSpec:
@@ -122,13 +127,13 @@ def load_spec(path: str | Path) -> RewardSpec:
         raise UpbeatError(f"{path}: not a valid reward spec ({exc})") from exc
 
 
-def load_scorer(spec: RewardSpec) -> VaderScorer | HFScorer | LearnedScorer:
+def load_scorer(spec: RewardSpec) -> VaderScorer | HFScorer | LearnedScorer | EnsembleScorer:
     """Build the scoring function a spec describes: texts in, one float each out, higher is more
     positive (the `Scorer` that PPO and evaluate take); it keeps the spec it was built from."""
     if spec.kind == "vader":
         return VaderScorer(spec)
     if spec.kind == "learned":
-        return LearnedScorer(spec)
+        return EnsembleScorer(spec) if spec.ensemble_scales else LearnedScorer(spec)
     return HFScorer(spec)
 
 
@@ -194,6 +199,37 @@ class LearnedScorer:
         if self.spec.normalise == "logit":
             return logits
         return 2.0 / (1.0 + np.exp(-logits)) - 1.0
+
+
+class EnsembleScorer:
+    """The learned reward and VADER, each divided by its spread on the SFT's training tweets,
+    combined as mean − λ·std (λ = 1: the lower of the two). A text scores high only when both
+    agree: a phrasing the reward model overrates but the lexicon does not gains less, and so
+    does a bait word stuck on a sentence the reward model reads as negative. Scaled, not centred:
+    0 stays neutral for both, so "share positive" keeps its meaning."""
+
+    def __init__(self, spec: RewardSpec) -> None:
+        assert spec.ensemble_scales is not None and spec.ensemble_lambda is not None
+        self.spec = spec
+        self.parts = (LearnedScorer(spec), VaderScorer(spec))
+        self.scales = np.asarray(spec.ensemble_scales, float)[:, None]  # (2, 1)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        z = np.stack([part(texts) for part in self.parts]) / self.scales  # (2, N)
+        assert self.spec.ensemble_lambda is not None
+        return z.mean(axis=0) - self.spec.ensemble_lambda * z.std(axis=0)
+
+
+def with_vader(spec: RewardSpec, texts: Sequence[str], lam: float) -> RewardSpec:
+    """`spec` (learned) combined with VADER, each score's spread measured on `texts`."""
+    parts = (LearnedScorer(spec), VaderScorer(spec))
+    scales = [float(np.std(part(texts))) for part in parts]
+    if min(scales) <= 0:
+        raise UpbeatError(
+            f"reward.ensemble: a score is constant on the {len(texts)} SFT training tweets "
+            f"(spreads {scales}); too few texts (reward.ensemble.texts)?"
+        )
+    return spec.model_copy(update={"ensemble_scales": scales, "ensemble_lambda": lam})
 
 
 class VaderScorer:

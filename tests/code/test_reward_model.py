@@ -21,7 +21,16 @@ from upbeat.reward_model import (
     split_by_prompt,
     train_reward_model,
 )
-from upbeat.rewards import LearnedScorer, load_scorer, load_spec, save_spec, train_learned
+from upbeat.rewards import (
+    EnsembleScorer,
+    LearnedScorer,
+    VaderScorer,
+    load_scorer,
+    load_spec,
+    save_spec,
+    train_learned,
+    with_vader,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPPY = [
@@ -148,6 +157,27 @@ def test_damaged_weights_fail_in_one_line_naming_the_file(
         load_scorer(spec)
     message = str(err.value)
     assert "\n" not in message and str(weights) in message and "dvc repro reward" in message
+
+
+def test_ensemble_with_vader_is_the_lower_scaled_score_at_lambda_one(
+    tiny_encoder: Path, tmp_path: Path
+) -> None:
+    params = learned_params(tiny_encoder)
+    labelled = pd.DataFrame({"text": HAPPY + SAD, "target": [4] * 4 + [0] * 4})
+    spec, _ = train_learned(params, labelled, None, tmp_path / "reward")
+    texts = HAPPY + SAD + ["the bus leaves at noon", "lol thanks love good lucky"]
+    both = with_vader(spec, HAPPY + SAD, lam=1.0)
+    save_spec(both, tmp_path / "spec.json")
+    scorer = load_scorer(load_spec(tmp_path / "spec.json"))  # the scales travel in the spec
+    assert isinstance(scorer, EnsembleScorer)
+    learned, vader = LearnedScorer(spec)(texts), VaderScorer(spec)(texts)
+    assert both.ensemble_scales == pytest.approx(
+        [np.std(LearnedScorer(spec)(HAPPY + SAD)), np.std(VaderScorer(spec)(HAPPY + SAD))]
+    )
+    scaled = np.stack([learned, vader]) / np.array(both.ensemble_scales)[:, None]
+    np.testing.assert_allclose(scorer(texts), scaled.min(axis=0), rtol=1e-6, atol=1e-9)
+    mean = load_scorer(both.model_copy(update={"ensemble_lambda": 0.0}))
+    np.testing.assert_allclose(mean(texts), scaled.mean(axis=0), rtol=1e-6, atol=1e-9)
 
 
 def test_learned_kind_needs_its_block() -> None:

@@ -79,10 +79,12 @@ def test_sft_stage_missing_input_is_one_clear_line(project: Path) -> None:
     assert not (project / "models/sft").exists()
 
 
-@pytest.mark.parametrize("kind", ["vader", "learned"])
+@pytest.mark.parametrize("kind", ["vader", "learned", "learned+vader"])
 def test_reward_stage_writes_spec_and_agreement(project: Path, kind: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
+    kind, _, ensemble = kind.partition("+")
     params["reward"]["kind"] = kind
+    params["reward"]["ensemble"]["with_vader"] = bool(ensemble)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     happy = ["i love this so much, what a great day", "thanks for the lovely gift, best friend"]
     sad = ["this is the worst day ever, i hate it", "so sad and angry, everything is terrible"]
@@ -92,6 +94,7 @@ def test_reward_stage_writes_spec_and_agreement(project: Path, kind: str) -> Non
     (project / "verdict.json").write_text('{"success": true}')
     args = ["--labelled", "raw.parquet", "--verdict", "verdict.json"]
     args += ["--out", "models/reward_spec.json", "--model-out", "models/reward"]
+    args += ["--sft-train", "train.parquet"]
     proc = stage("reward", [*args, "--metrics", "reports/reward.json"], project)
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((project / "models/reward_spec.json").read_text())
@@ -108,6 +111,9 @@ def test_reward_stage_writes_spec_and_agreement(project: Path, kind: str) -> Non
     # trained on the train side without the judge's half: a quarter-ish of the 80 rows
     assert 5 < metrics["reward/train_texts"] < 60 and metrics["reward/train_pairs"] == 0
     assert 0 <= metrics["reward/ece"] <= 1 and 0 <= metrics["reward/brier"] <= 1
+    # With VADER beside it, the spec carries both scales (measured on the SFT's tweets) and λ.
+    assert (spec["ensemble_scales"] is not None) == bool(ensemble)
+    assert ("reward/ensemble_scale_vader" in metrics) == bool(ensemble)
 
 
 def test_reward_stage_bad_label_mapping_fails_clearly(project: Path) -> None:

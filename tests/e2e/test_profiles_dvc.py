@@ -40,6 +40,13 @@ def readers(key: str) -> set[str]:
     }
 
 
+def at(params: dict, key: str):
+    """The value of dotted `key` (`reward.ensemble.with_vader`) in a params dict."""
+    for part in key.split("."):
+        params = params[part]
+    return params
+
+
 def dvc_status(project: Path) -> set[str]:
     from dvc.repo import Repo
 
@@ -113,13 +120,12 @@ def new_value(key: str, old: object) -> object:
 def test_set_of_a_profile_key_reruns_exactly_its_readers(copy_of, key):
     project = copy_of("seeds")
     old = load_params(project / "params.yaml").model_dump(by_alias=True)
-    block, name = key.split(".", 1)
-    value = new_value(key, old[block][name])
+    value = new_value(key, at(old, key))
 
     apply_overrides(project / "params.yaml", [f"{key}={value if value is not None else 'null'}"])
 
     params = load_params(project / "params.yaml").model_dump(by_alias=True)
-    assert params[block][name] == value  # what the stages read
+    assert at(params, key) == value  # what the stages read
     assert dvc_status(project) == readers(key)  # what DVC re-runs
 
 
@@ -132,8 +138,7 @@ def test_editing_the_applied_profile_reruns_exactly_its_readers(copy_of, key):
     apply_overrides(project / "params.yaml", [f"profiles.seeds.{key}={value}"])
     apply_profile(project / "params.yaml", "seeds")
 
-    block, name = key.split(".", 1)
-    assert load_params(project / "params.yaml").model_dump(by_alias=True)[block][name] == value
+    assert at(load_params(project / "params.yaml").model_dump(by_alias=True), key) == value
     assert dvc_status(project) == readers(key)
 
 
@@ -142,11 +147,6 @@ def test_switching_profile_reruns_the_readers_of_every_value_it_changes(copy_of)
     before = load_params(project / "params.yaml").model_dump(by_alias=True)
     apply_profile(project / "params.yaml", "seeds")
     after = load_params(project / "params.yaml").model_dump(by_alias=True)
-    changed = [
-        key
-        for key in profile_keys()
-        if before[key.split(".")[0]][key.split(".", 1)[1]]
-        != after[key.split(".")[0]][key.split(".", 1)[1]]
-    ]
+    changed = [key for key in profile_keys() if at(before, key) != at(after, key)]
     assert changed  # seeds differs from default
     assert dvc_status(project) == set().union(*(readers(key) for key in changed))
