@@ -360,6 +360,7 @@ def train(
         run = _setup(hydra, tokenizer, texts, cfg, bf16, checkpoint_dir, resume, run_key)
         if snapshot_dir is not None and distributed.is_main():
             run.snapshot_dir = Path(snapshot_dir)
+            run.snapshot_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, even if empty
             prune_snapshots(run.snapshot_dir, after=run.result.resumed_from)
         for step in range(run.result.resumed_from, cfg.steps):
             metrics = ppo_step(run, tokenizer, scorer, cfg, step)
