@@ -52,7 +52,7 @@ def env() -> dict[str, str]:
 
 PPO_ARGS = [
     "--sft", "sft", "--reward-spec", "reward_spec.json", "--train", "train.parquet",
-    "--out", "models/ppo", "--checkpoints", "checkpoints/ppo",
+    "--out", "models/ppo", "--checkpoints", "checkpoints/ppo", "--snapshots", "models/snapshots",
     "--metrics", "reports/ppo.json", "--curve", "reports/ppo_curve.csv",
 ]  # fmt: skip
 

@@ -146,7 +146,8 @@ def test_retrain_story(harness, project, env):
     assert "registered as upbeat-reward/1" in registry.read_card("upbeat-policy", "1")
     metrics = yaml.safe_load((project / "reports" / "evaluate.json").read_text())
     assert {"before/reward_mean", "after/kl_mean", "delta/judge_mean_ci_low"} <= set(metrics)
-    for png in ("scores_hist.png", "ppo_curve.png", "reward_vs_kl.png"):
+    assert {"vs_best_of_n/judge_positive_share", "curve/judge_peak_step"} <= set(metrics)
+    for png in ("scores_hist.png", "ppo_curve.png", "reward_vs_kl.png", "overoptimisation.png"):
         assert (project / "reports" / "eval_plots" / png).stat().st_size > 1000
 
     client = MlflowClient(tracking_uri())
