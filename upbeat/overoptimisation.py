@@ -9,8 +9,9 @@ first `evaluate.curve_prompts` eval prompts: reward, judge and KL to the SFT mod
 Best-of-n from the SFT model is the baseline PPO has to beat: sample n continuations, keep the one
 the reward scores highest. Its KL to the SFT model is analytic, log n − (n−1)/n nats (Stiennon et
 al. 2020, appendix), so no log-probs are needed; n runs over powers of two up to
-`evaluate.best_of_n`, the subsets nested (best of 4 picks among the samples best of 2 saw). PPO's
-judge share is compared with best-of-n's interpolated at PPO's KL.
+`evaluate.best_of_n`, the subsets nested (best of 4 picks among the samples best of 2 saw), the
+first sample per prompt evaluate's own "before" one. PPO's judge share is compared with
+best-of-n's interpolated at PPO's KL.
 
 The curve functions are pure (score arrays in, rows and metrics out); `policy_point` and
 `best_of_n_scores` run models.
@@ -139,7 +140,7 @@ def policy_point(
 def best_of_n_scores(
     sft: tuple[Any, Any],
     prompts: list[str],
-    n: int,
+    extra: int,
     reward: Callable[[list[str], list[str]], np.ndarray],
     judge: Scorer,
     *,
@@ -148,12 +149,12 @@ def best_of_n_scores(
     batch_size: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(P, n) reward and judge scores of n SFT samples per prompt (each prompt's copies side by
-    side, so a batch pads little)."""
+    """(P, extra) reward and judge scores of `extra` more SFT samples per prompt (each prompt's
+    copies side by side, so a batch pads little)."""
     from upbeat.generation import sample_continuations
 
     model, tok = sft
-    repeated = [p for p in prompts for _ in range(n)]
+    repeated = [p for p in prompts for _ in range(extra)]
     texts = sample_continuations(
         model,
         tok,
@@ -163,7 +164,7 @@ def best_of_n_scores(
         seed=seed + BEST_OF_N_SEED,
         batch_size=batch_size,
     )
-    shape = (len(prompts), n)
+    shape = (len(prompts), extra)
     return (
         np.asarray(reward(repeated, texts), float).reshape(shape),
         np.asarray(judge(texts), float).reshape(shape),
@@ -226,8 +227,13 @@ def curve(
             s["after_judge"][:k],
         )
     )
-    if progress is not None:
-        progress.phase(f"best-of-{max_n} from the SFT model on {k} prompts")
-    bon = best_of_n(*best_of_n_scores(sft, prompts, max_n, reward, judge, **sampling))
+    # Best-of-n's first sample per prompt is evaluate's "before" one: n = 1 is the SFT point.
+    rewards, judges = s["before_reward"][:k, None], s["before_judge"][:k, None]
+    if max_n > 1:
+        if progress is not None:
+            progress.phase(f"best-of-{max_n} from the SFT model on {k} prompts")
+        more = best_of_n_scores(sft, prompts, max_n - 1, reward, judge, **sampling)
+        rewards, judges = np.hstack([rewards, more[0]]), np.hstack([judges, more[1]])
+    bon = best_of_n(rewards, judges)
     metrics = {"curve/n_prompts": float(k), **peak(rows), **compare(rows[-1], bon)}
     return rows + bon, metrics
