@@ -53,7 +53,7 @@ from flows.pipeline import (
     stage_env,
     start_plan,
 )
-from flows.processes import run_stoppable, run_streaming
+from flows.processes import run_stoppable, run_streaming, stopping
 from upbeat.tracking import REASON_ENV, git
 
 LOCK_NAME = "upbeat-retrain.lock"
@@ -355,8 +355,6 @@ def ending(end: Exception) -> str:
 def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str], Exception | None]:
     """The stages in DVC's order, under an MLflow parent run: `{stage: outcome}` of those that
     ended, and what ended the run early (None when nothing did)."""
-    from flows.processes import stopping
-
     logger = _log()
     client, parent = open_parent_run(root)  # while DVC plans in its subprocess
     pipeline = planned()
