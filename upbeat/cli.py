@@ -165,8 +165,8 @@ def run(
         load_params(root / "params.yaml")  # fail here, not three stages in
     from flows.pipeline import PlanError
     from flows.processes import Stopped
-    from flows.retrain import LockHeld, PushFailed, StageFailed
-    from flows.retrain import run as run_pipeline
+    from flows.run import LockHeld, PushFailed, StageFailed
+    from flows.run import run as run_pipeline
 
     try:
         results = run_pipeline(root, lock_timeout=lock_timeout)

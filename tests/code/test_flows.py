@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -286,6 +287,33 @@ def test_importing_the_flow_changes_nothing():
         "('prefect.flow_runs', 'prefect.task_runs'))"
     )
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, timeout=120)
+
+
+def test_a_run_with_nothing_stale_is_recorded_without_loading_prefect(tmp_path):
+    """The common scheduled run finds every stage up to date: the same body records it in
+    MLflow, and Prefect, needed only to run a stage, is never imported."""
+    repo = dvc_repo(tmp_path, "stages:\n  a: {cmd: echo a > a.txt, outs: [a.txt]}\n")
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, check=True, capture_output=True
+    )
+    check = (
+        "import sys; from pathlib import Path; import upbeat.cli; from flows.run import run; "
+        "assert run(Path('.')) == {'a': 'skipped'}; "
+        "assert 'prefect' not in sys.modules, 'Prefect imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a: up to date" in done.stderr  # the run's log, in Prefect's format
+    from mlflow import MlflowClient
+
+    from upbeat.tracking import EXPERIMENT, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    (parent,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage.a"] == "skipped"
 
 
 def test_a_run_taking_the_lock_ends_the_parent_run_a_dead_run_left_running(tmp_path):
