@@ -194,8 +194,9 @@ def retrain(
     model card.
     """
     quiet_refusals()
+    plan = Plan(**planned) if planned is not None else None
     results, end = run_body(
-        Path(project), lock_timeout, Plan(**planned) if planned is not None else None, reason
+        Path(project), lock_timeout, plan, reason, run_stage=stage_in_flow, push=push_in_flow
     )
     if end is None:
         return results

@@ -56,6 +56,10 @@ from flows.pipeline import (
 from flows.processes import run_stoppable, run_streaming, stopping
 from upbeat.tracking import REASON_ENV, git
 
+# How a stage and the push run inside a flow run (flows.retrain passes Prefect tasks): the outcome,
+# or the exception saying how it ended.
+StageRunner = Callable[[Path, str, dict[str, str]], str | Exception]
+Pusher = Callable[[Path, str, str | None, dict[str, str]], int | Exception]
 LOCK_NAME = "upbeat-retrain.lock"
 STDERR_TAIL = 3000  # characters of a failing stage's output carried in the error
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|████" redraws
@@ -277,16 +281,16 @@ def push_outputs(root: Path, remote: str, url: str | None, env: dict[str, str]) 
     return int(answer["pushed"])
 
 
-def store_outputs(root: Path, pipeline: Plan, env: dict[str, str]) -> tuple[Exception | None, int]:
+def store_outputs(
+    root: Path, pipeline: Plan, env: dict[str, str], push: Pusher | None = None
+) -> tuple[Exception | None, int]:
     """Push to the plan's remote: (None, files pushed) when stored, else (`PushFailed` or
-    `RunStopped`, 0). A task inside a flow run; a plain call in a run with nothing stale."""
+    `RunStopped`, 0). Through `push` (a task of the flow run) when given, else a plain call."""
     if pipeline.remote is None:
         _log().info("no DVC remote configured: outputs stay on this machine (dvc push skipped)")
         return None, 0
-    if flow_run_id() is not None:
-        from flows.retrain import push_in_flow  # loaded: this is its flow run
-
-        pushed = push_in_flow(root, pipeline.remote, pipeline.remote_url, env)
+    if push is not None:
+        pushed = push(root, pipeline.remote, pipeline.remote_url, env)
         return (pushed, 0) if isinstance(pushed, Exception) else (None, pushed)
     try:
         return None, push_outputs(root, pipeline.remote, pipeline.remote_url, env)
@@ -325,18 +329,25 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 
 def run_body(
-    root: Path, lock_timeout: float = 0, planned: Plan | None = None, reason: str = ""
+    root: Path,
+    lock_timeout: float = 0,
+    planned: Plan | None = None,
+    reason: str = "",
+    *,
+    run_stage: StageRunner | None = None,
+    push: Pusher | None = None,
 ) -> tuple[dict[str, str], Exception | None]:
     """The lock, the plan (`planned` when the caller made it under the lock it holds, else asked
     of DVC), the stages, the push: `{stage: outcome}` of the stages that ended, and the exception
-    that ended the run early (None when it did not), already logged."""
+    that ended the run early (None when it did not), already logged. A stage to run needs
+    `run_stage` (the flow's task); `push` stores the outputs as a task too when given."""
     if reason:  # the parent run and the register stage (through stage_env) read it
         os.environ[REASON_ENV] = reason
     root = root.resolve()
     try:
         with run_lock(root, lock_timeout):
             plan = (lambda: planned) if planned is not None else start_plan(root)
-            results, end = run_stages(root, plan)
+            results, end = run_stages(root, plan, run_stage, push)
     except (LockHeld, PlanError) as exc:
         _log().error("%s", exc)
         return {}, exc
@@ -352,7 +363,12 @@ def ending(end: Exception) -> str:
     return f"{end}. Nothing after it ran: the champion model is unchanged"
 
 
-def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str], Exception | None]:
+def run_stages(
+    root: Path,
+    planned: Callable[[], Plan],
+    run_stage: StageRunner | None = None,
+    push: Pusher | None = None,
+) -> tuple[dict[str, str], Exception | None]:
     """The stages in DVC's order, under an MLflow parent run: `{stage: outcome}` of those that
     ended, and what ended the run early (None when nothing did)."""
     logger = _log()
@@ -375,16 +391,16 @@ def run_stages(root: Path, planned: Callable[[], Plan]) -> tuple[dict[str, str],
                 results[stage] = "skipped"
                 logger.info("%s: up to date", stage)
                 continue
-            from flows.retrain import stage_in_flow  # a stage to run: this is the flow run
-
-            outcome = stage_in_flow(root, stage, env)
+            if run_stage is None:  # a caller's mistake: only the retrain flow runs stages
+                raise RuntimeError(f"stage {stage!r} is stale, and this run cannot run stages")
+            outcome = run_stage(root, stage, env)
             if isinstance(outcome, Exception):
                 end = outcome
                 break
             results[stage] = outcome
             logger.info("%s: %s", stage, outcome)
         if end is None:  # the run is done only once its outputs are stored
-            end, pushed = store_outputs(root, pipeline, env)
+            end, pushed = store_outputs(root, pipeline, env, push)
             if pipeline.remote is not None and end is None:
                 client.set_tag(parent, "dvc.remote", pipeline.remote)
                 client.log_metric(parent, "dvc/pushed_files", pushed)
@@ -413,14 +429,19 @@ def _terminated(exc: BaseException | None) -> bool:
     return isinstance(exc, TerminationSignal)
 
 
-def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
+def run(
+    project: Path,
+    lock_timeout: float = 0,
+    through: Callable[[Path, Plan], dict[str, str]] | None = None,
+) -> dict[str, str]:
     """What `upbeat run` calls: `{stage: outcome}`, or raises `LockHeld`, `PlanError`,
     `StageFailed`, `PushFailed` or `flows.processes.Stopped`.
 
     One lock from the plan to the push, one plan, one body (`run_body`), stopping in order on
-    SIGTERM/SIGINT. With a stage to run the body runs as the Prefect flow `retrain`
-    (PREFECT_API_URL, or a temporary server); with nothing stale it runs as a plain call, because
-    importing Prefect and starting a temporary server would take longer than the whole run.
+    SIGTERM/SIGINT. With a stage to run the body runs through `through(project, plan)`, the
+    Prefect flow `retrain` (`flows.retrain.through_prefect`, passed in so that this module never
+    imports Prefect); with nothing stale it runs as a plain call, because importing Prefect and
+    starting a temporary server would take longer than the whole run.
     """
     from upbeat.tracking import setup_mlflow
 
@@ -433,9 +454,9 @@ def run(project: Path, lock_timeout: float = 0) -> dict[str, str]:
             finally:
                 planned = planning()
         if planned.stale:
-            from flows.retrain import through_prefect  # Prefect: only a stage to run needs it
-
-            results = run_stoppable(lambda: through_prefect(project, planned))
+            if through is None:
+                raise RuntimeError("stages are stale: run() needs `through` to run them")
+            results = run_stoppable(lambda: through(project, planned))
         else:
             results, end = run_stoppable(lambda: run_body(project, planned=planned))
             if end is not None:

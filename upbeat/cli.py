@@ -168,8 +168,13 @@ def run(
     from flows.run import LockHeld, PushFailed, StageFailed
     from flows.run import run as run_pipeline
 
+    def through_prefect(project: Path, planned: Any) -> dict[str, str]:
+        from flows.retrain import through_prefect  # Prefect: only a stage to run needs it
+
+        return through_prefect(project, planned)
+
     try:
-        results = run_pipeline(root, lock_timeout=lock_timeout)
+        results = run_pipeline(root, lock_timeout=lock_timeout, through=through_prefect)
     except (LockHeld, PlanError) as exc:
         raise fail(str(exc)) from None
     except StageFailed as exc:
