@@ -17,7 +17,7 @@ from upbeat.evaluate import evaluate_policies, make_prompts
 from upbeat.generation import bf16_for_inference
 from upbeat.judge import load_judge
 from upbeat.models import load_policy, resolve_bf16, resolve_device, set_threads
-from upbeat.overoptimisation import curve, snapshot_policy
+from upbeat.overoptimisation import Sampling, curve, snapshot_policy
 from upbeat.plots import overoptimisation, write_all
 from upbeat.progress import Progress
 from upbeat.rewards import as_scored, load_scorer, load_spec
@@ -98,12 +98,9 @@ def main() -> None:
                 params.ppo.steps,
                 reward,
                 judge,
+                Sampling(p.max_new_tokens, p.temperature, p.batch_size, p.seed),
                 n_prompts=p.curve_prompts,
                 max_n=p.best_of_n,
-                max_new_tokens=p.max_new_tokens,
-                temperature=p.temperature,
-                batch_size=p.batch_size,
-                seed=p.seed,
                 progress=progress,
             )
         result.metrics.update(curve_metrics)

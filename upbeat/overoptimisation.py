@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,24 @@ def peak(rows: list[dict[str, Any]]) -> dict[str, float]:
 # --- with models ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How evaluate samples: the same settings and seeds for every point of the curve."""
+
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    seed: int
+
+    def continuations(self, model: Any, tok: Any, prompts: list[str], offset: int = 0) -> list[str]:
+        """`prompts` continued by `model`, batch i seeded `seed + offset + i`."""
+        from upbeat.generation import sample_continuations
+
+        return sample_continuations(model, tok, prompts, max_new_tokens=self.max_new_tokens,
+                                    temperature=self.temperature, seed=self.seed + offset,
+                                    batch_size=self.batch_size)  # fmt: skip
+
+
 def policy_point(
     step: int,
     policy: tuple[Any, Any],
@@ -109,28 +128,14 @@ def policy_point(
     prompts: list[str],
     reward: Callable[[list[str], list[str]], np.ndarray],
     judge: Scorer,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    seed: int,
+    sampling: Sampling,
 ) -> dict[str, Any]:
     """Sample `prompts` from `policy` with evaluate's seeds, score them, and estimate KL to the
     SFT model on those samples (Σ log p_policy − log p_sft per sequence, as evaluate does).
     `reward(prompts, continuations)` reads them as PPO did."""
-    from upbeat.generation import sample_continuations
-
     (model, tok), (sft_model, sft_tok) = policy, sft
-    texts = sample_continuations(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    lp = dict(temperature=temperature, batch_size=batch_size)
+    texts = sampling.continuations(model, tok, prompts)
+    lp = dict(temperature=sampling.temperature, batch_size=sampling.batch_size)
     under_policy, _ = sequence_logprobs(model, tok, prompts, texts, **lp)
     under_sft, _ = sequence_logprobs(sft_model, sft_tok, prompts, texts, **lp)
     scores = reward(prompts, texts), np.asarray(judge(texts), float)
@@ -143,27 +148,12 @@ def best_of_n_scores(
     extra: int,
     reward: Callable[[list[str], list[str]], np.ndarray],
     judge: Scorer,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    seed: int,
+    sampling: Sampling,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(P, extra) reward and judge scores of `extra` more SFT samples per prompt (each prompt's
     copies side by side, so a batch pads little)."""
-    from upbeat.generation import sample_continuations
-
-    model, tok = sft
     repeated = [p for p in prompts for _ in range(extra)]
-    texts = sample_continuations(
-        model,
-        tok,
-        repeated,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed + BEST_OF_N_SEED,
-        batch_size=batch_size,
-    )
+    texts = sampling.continuations(*sft, repeated, offset=BEST_OF_N_SEED)
     shape = (len(prompts), extra)
     return (
         np.asarray(reward(repeated, texts), float).reshape(shape),
@@ -195,13 +185,10 @@ def curve(
     final_step: int,
     reward: Callable[[list[str], list[str]], np.ndarray],
     judge: Scorer,
+    sampling: Sampling,
     *,
     n_prompts: int,
     max_n: int,
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    seed: int,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """The curve's rows and metrics on the first `n_prompts` of evaluate's prompts: the SFT model
@@ -209,15 +196,12 @@ def curve(
     with the same seeds, and best-of-n up to `max_n`."""
     k = min(n_prompts, len(result.prompts))
     prompts, s = result.prompts[:k], result.scores
-    sampling = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
-    )
     rows = [point("ppo", 0, 0.0, s["before_reward"][:k], s["before_judge"][:k])]
     earlier = [step for step in snapshot_steps if 0 < step < final_step]
     for step in earlier:
         if progress is not None:
             progress.phase(f"over-optimisation curve: PPO step {step}")
-        rows.append(policy_point(step, load_step(step), sft, prompts, reward, judge, **sampling))
+        rows.append(policy_point(step, load_step(step), sft, prompts, reward, judge, sampling))
     rows.append(
         point(
             "ppo",
@@ -232,7 +216,7 @@ def curve(
     if max_n > 1:
         if progress is not None:
             progress.phase(f"best-of-{max_n} from the SFT model on {k} prompts")
-        more = best_of_n_scores(sft, prompts, max_n - 1, reward, judge, **sampling)
+        more = best_of_n_scores(sft, prompts, max_n - 1, reward, judge, sampling)
         rewards, judges = np.hstack([rewards, more[0]]), np.hstack([judges, more[1]])
     bon = best_of_n(rewards, judges)
     metrics = {"curve/n_prompts": float(k), **peak(rows), **compare(rows[-1], bon)}
