@@ -39,7 +39,9 @@ STOP_BOUND = 30.0  # seconds a stopped run may take to exit (issue: "say 30 s")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("signals"), ["ppo.steps=40"])
+    # A snapshot every 20 steps: evaluate scores each one, and 40 of them would add a minute.
+    extra = ["ppo.steps=40", "ppo.snapshot_every=20"]
+    return make_project(tmp_path_factory.mktemp("signals"), extra)
 
 
 @pytest.fixture(autouse=True)
