@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from feedback_pg import postgres_url
 from feedback_server import start, stop
+from waiting import wait_until
 
 from upbeat.feedback.client import RaterClient
 from upbeat.feedback.store import Store
@@ -21,6 +22,17 @@ RATERS = 10
 KILL_AFTER = 100  # acknowledged votes before the kill (raters keep voting meanwhile)
 DEADLINE = 180.0  # bound on logging in and on reaching KILL_AFTER, on a busy machine
 LIMITS = ("--votes-per-minute", "100000", "--burst", "1000")
+
+
+def busy(store: Store) -> int:
+    """PostgreSQL sessions, other than this one, that are in a statement or a transaction."""
+    with store.engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() AND state <> 'idle'"
+            )
+        ).scalar_one()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -91,6 +103,9 @@ def test_sigkill_under_load_loses_no_acknowledged_vote(db_url, tmp_path):
         stop(proc)
     assert not errors, errors[:3]
     assert len(acknowledged) >= KILL_AFTER, "too few votes before the kill to test anything"
+    if db_url.startswith("postgresql"):
+        # A killed client's backend finishes the COMMIT it is in: count once they have all ended.
+        wait_until("the killed server's PostgreSQL sessions to end", lambda: busy(store) == 0, 30)
 
     recorded = {(v["rater"], v["pair_id"]) for v in store.export()}
     assert set(acknowledged) <= recorded  # every acknowledged vote survived
