@@ -31,7 +31,8 @@ import upbeat.cli
 t1 = time.perf_counter()
 from flows import run
 t2 = time.perf_counter()
-from flows.pipeline import imports_kept, start_plan
+from flows.pipeline import start_plan
+from upbeat.startup import imports_kept
 from upbeat.tracking import setup_mlflow
 with imports_kept():  # as `upbeat run` does, but one after the other
     planned = start_plan(Path('.'))()

@@ -17,7 +17,6 @@ DVC's own log lines, streamed into the run's log and never parsed:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -25,12 +24,12 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from upbeat.startup import imports_kept
 from upbeat.tracking import PARENT_ENV  # light: mlflow is imported lazily there
 
 # DVC's words for a stage command's exit status (`StageCmdFailedError` keeps it in its message)
@@ -54,21 +53,6 @@ class Plan:
         """A stage runs if DVC finds it changed or a stage it depends on ran in this flow (its
         inputs may change only then, so `dvc status` could not have seen it yet)."""
         return stage in self.stale or any(up in ran for up in self.upstream[stage])
-
-
-@contextmanager
-def imports_kept() -> Iterator[None]:
-    """Inside, the cyclic garbage collector is off; after, every object is frozen (never scanned
-    again, at exit neither). MLflow's and DVC's imports make a million objects that live as long
-    as the process: scanning them as they come and at exit is a third of a no-op run's CPU."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 def stage_env(root: Path, parent_run_id: str | None = None) -> dict[str, str]:

@@ -47,13 +47,13 @@ from flows.pipeline import (
     Plan,
     PlanError,
     command,
-    imports_kept,
     read_result,
     result_file,
     stage_env,
     start_plan,
 )
 from flows.processes import run_stoppable, run_streaming, stopping
+from upbeat.startup import imports_kept
 from upbeat.tracking import REASON_ENV, git
 
 # How a stage and the push run inside a flow run (flows.retrain passes Prefect tasks): the outcome,

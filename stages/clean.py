@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
+from upbeat.startup import imports_kept
 
-import mlflow
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
 
-from upbeat.config import load_params
-from upbeat.data.check import require_passing
-from upbeat.data.clean import clean_tweets
-from upbeat.data.sources import load_canonical, save_canonical
-from upbeat.errors import DataError, exit_on_user_error
-from upbeat.tracking import log_metrics, stage_run, write_json
+    import mlflow
+
+    from upbeat.config import load_params
+    from upbeat.data.check import require_passing
+    from upbeat.data.clean import clean_tweets
+    from upbeat.data.sources import load_canonical, save_canonical
+    from upbeat.errors import DataError, exit_on_user_error
+    from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error

@@ -3,25 +3,28 @@ then the over-optimisation curve over PPO's snapshots and the best-of-n baseline
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-from typing import Any
+from upbeat.startup import imports_kept
 
-import mlflow
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    from pathlib import Path
+    from typing import Any
 
-from upbeat.checkpoints import snapshots
-from upbeat.config import load_params
-from upbeat.data.sources import load_canonical
-from upbeat.errors import DataError, exit_on_user_error
-from upbeat.evaluate import evaluate_policies, make_prompts
-from upbeat.generation import bf16_for_inference
-from upbeat.judge import load_judge
-from upbeat.models import load_policy, resolve_bf16, resolve_device, set_threads
-from upbeat.overoptimisation import Sampling, curve, snapshot_policy
-from upbeat.plots import overoptimisation, write_all
-from upbeat.progress import Progress
-from upbeat.rewards import as_scored, load_scorer, load_spec
-from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
+    import mlflow
+
+    from upbeat.checkpoints import snapshots
+    from upbeat.config import load_params
+    from upbeat.data.sources import load_canonical
+    from upbeat.errors import DataError, exit_on_user_error
+    from upbeat.evaluate import evaluate_policies, make_prompts
+    from upbeat.generation import bf16_for_inference
+    from upbeat.judge import load_judge
+    from upbeat.models import load_policy, resolve_bf16, resolve_device, set_threads
+    from upbeat.overoptimisation import Sampling, curve, snapshot_policy
+    from upbeat.plots import overoptimisation, write_all
+    from upbeat.progress import Progress
+    from upbeat.rewards import as_scored, load_scorer, load_spec
+    from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
 
 @exit_on_user_error

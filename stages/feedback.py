@@ -6,11 +6,14 @@ Reads the export `upbeat feedback export` wrote (never the database), so the pai
 
 from __future__ import annotations
 
-import argparse
+from upbeat.startup import imports_kept
 
-from upbeat.errors import exit_on_user_error
-from upbeat.feedback.snapshot import preference_pairs, read_votes, write_table
-from upbeat.tracking import log_metrics, stage_run, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+
+    from upbeat.errors import exit_on_user_error
+    from upbeat.feedback.snapshot import preference_pairs, read_votes, write_table
+    from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+from upbeat.startup import imports_kept
 
-from upbeat.config import load_params
-from upbeat.data.sources import ingest_with_drops, save_canonical, summarise
-from upbeat.errors import exit_on_user_error
-from upbeat.progress import Progress
-from upbeat.tracking import log_metrics, project_root, stage_run, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+
+    from upbeat.config import load_params
+    from upbeat.data.sources import ingest_with_drops, save_canonical, summarise
+    from upbeat.errors import exit_on_user_error
+    from upbeat.progress import Progress
+    from upbeat.tracking import log_metrics, project_root, stage_run, write_json
 
 
 @exit_on_user_error

@@ -10,20 +10,23 @@ main process writes the checkpoints, model, curve, metrics and MLflow records.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Any
+from upbeat.startup import imports_kept
 
-from upbeat.checkpoints import content_hash
-from upbeat.config import load_params
-from upbeat.data.sources import load_canonical
-from upbeat.distributed import is_main, local_rank, process_group, relaunch
-from upbeat.errors import exit_on_user_error
-from upbeat.models import load_policy, resolve_device, save_policy, set_threads
-from upbeat.ppo import PPOResult, summarise, train
-from upbeat.progress import Progress
-from upbeat.rewards import load_scorer, load_spec
-from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    import sys
+    from typing import Any
+
+    from upbeat.checkpoints import content_hash
+    from upbeat.config import load_params
+    from upbeat.data.sources import load_canonical
+    from upbeat.distributed import is_main, local_rank, process_group, relaunch
+    from upbeat.errors import exit_on_user_error
+    from upbeat.models import load_policy, resolve_device, save_policy, set_threads
+    from upbeat.ppo import PPOResult, summarise, train
+    from upbeat.progress import Progress
+    from upbeat.rewards import load_scorer, load_spec
+    from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
 FIELDS = (
     ("score", "objective/score", "+.3f"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
+from upbeat.startup import imports_kept
 
-from upbeat.config import load_params
-from upbeat.errors import exit_on_user_error
-from upbeat.registry import champion_version, promote_if_passes
-from upbeat.tracking import log_metrics, read_json, stage_run, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+
+    from upbeat.config import load_params
+    from upbeat.errors import exit_on_user_error
+    from upbeat.registry import champion_version, promote_if_passes
+    from upbeat.tracking import log_metrics, read_json, stage_run, write_json
 
 
 @exit_on_user_error

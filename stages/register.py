@@ -4,15 +4,18 @@ policy's lineage tags and card name."""
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
+from upbeat.startup import imports_kept
 
-from upbeat.config import load_params
-from upbeat.errors import exit_on_user_error
-from upbeat.model_card import load_card_inputs
-from upbeat.registry import REWARD_TAG, lineage, register_policy, register_reward
-from upbeat.tracking import REASON_ENV, project_root, read_json, stage_run, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    import os
+    from pathlib import Path
+
+    from upbeat.config import load_params
+    from upbeat.errors import exit_on_user_error
+    from upbeat.model_card import load_card_inputs
+    from upbeat.registry import REWARD_TAG, lineage, register_policy, register_reward
+    from upbeat.tracking import REASON_ENV, project_root, read_json, stage_run, write_json
 
 
 @exit_on_user_error

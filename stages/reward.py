@@ -10,30 +10,33 @@ ids; it is also checked on VADER's human-rated tweets, which nothing here trains
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+from upbeat.startup import imports_kept
 
-import pandas as pd
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    import time
+    from pathlib import Path
 
-from upbeat.config import load_params
-from upbeat.data.check import require_passing
-from upbeat.data.clean import labelled_eval, labelled_train
-from upbeat.data.sources import load_canonical, read_human_rated
-from upbeat.errors import exit_on_user_error
-from upbeat.feedback.snapshot import rater_agreement
-from upbeat.reward_model import calibration
-from upbeat.rewards import (
-    LearnedScorer,
-    agreement,
-    build_spec,
-    load_scorer,
-    pairs_as_scored,
-    save_spec,
-    train_learned,
-    with_vader,
-)
-from upbeat.tracking import log_metrics, stage_run, write_json
+    import pandas as pd
+
+    from upbeat.config import load_params
+    from upbeat.data.check import require_passing
+    from upbeat.data.clean import labelled_eval, labelled_train
+    from upbeat.data.sources import load_canonical, read_human_rated
+    from upbeat.errors import exit_on_user_error
+    from upbeat.feedback.snapshot import rater_agreement
+    from upbeat.reward_model import calibration
+    from upbeat.rewards import (
+        LearnedScorer,
+        agreement,
+        build_spec,
+        load_scorer,
+        pairs_as_scored,
+        save_spec,
+        train_learned,
+        with_vader,
+    )
+    from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error

@@ -7,17 +7,20 @@ the model, metrics and MLflow records.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from upbeat.startup import imports_kept
 
-from upbeat.config import load_params
-from upbeat.data.sources import load_canonical
-from upbeat.distributed import is_main, local_rank, process_group, relaunch
-from upbeat.errors import exit_on_user_error
-from upbeat.models import load_policy, resolve_device, save_policy, set_threads
-from upbeat.progress import Progress
-from upbeat.sft import total_steps, train
-from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    import sys
+
+    from upbeat.config import load_params
+    from upbeat.data.sources import load_canonical
+    from upbeat.distributed import is_main, local_rank, process_group, relaunch
+    from upbeat.errors import exit_on_user_error
+    from upbeat.models import load_policy, resolve_device, save_policy, set_threads
+    from upbeat.progress import Progress
+    from upbeat.sft import total_steps, train
+    from upbeat.tracking import log_metrics, stage_run, write_csv, write_json
 
 FIELDS = (("loss", "sft/loss", ".3f"), ("lr", "sft/lr", ".1e"), ("eval ppl", "sft/eval_ppl", ".1f"))
 

@@ -6,18 +6,21 @@ failure, and a person reads its summary. Data Docs (offline HTML) go to `--docs`
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+from upbeat.startup import imports_kept
 
-import mlflow
+with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+    import argparse
+    import sys
+    from pathlib import Path
 
-from upbeat.config import load_params
-from upbeat.data.expectations import validate_frame
-from upbeat.data.sources import load_canonical
-from upbeat.errors import exit_on_user_error
-from upbeat.progress import Progress
-from upbeat.tracking import log_metrics, stage_run, write_json
+    import mlflow
+
+    from upbeat.config import load_params
+    from upbeat.data.expectations import validate_frame
+    from upbeat.data.sources import load_canonical
+    from upbeat.errors import exit_on_user_error
+    from upbeat.progress import Progress
+    from upbeat.tracking import log_metrics, stage_run, write_json
 
 
 @exit_on_user_error
