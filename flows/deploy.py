@@ -34,6 +34,7 @@ HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180) would leave a dea
 MISSED_HEARTBEATS = 5
 ZOMBIE_AUTOMATION = "upbeat: crash retrain runs that stopped sending heartbeats"
 MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
+RETRAIN_CRON = "0 3 * * *"  # nightly, UTC: `upbeat deploy` and `upbeat serve` default to it
 MONITOR_CRON = "*/30 * * * *"
 DRIFT_TRIGGER = "upbeat: retrain on drift"
 

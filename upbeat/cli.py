@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.deploy import MONITOR_CRON, RETRAIN_CRON  # plain constants: no Prefect import
+
 app = typer.Typer(
     name="upbeat",
     help="A reproducible, scheduled RLHF pipeline: SFT on tweets, PPO towards positive replies.",
@@ -221,7 +223,7 @@ def profile(
 
 @app.command()
 def serve(
-    cron: Annotated[str, typer.Option(help="Cron schedule (server time zone).")] = "0 3 * * *",
+    cron: Annotated[str, typer.Option(help="Cron schedule (server time zone).")] = RETRAIN_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
 ) -> None:
     """Serve the retrain flow as a scheduled Prefect deployment (blocks; Ctrl-C stops)."""
@@ -246,14 +248,14 @@ def serve(
 def deploy(
     cron: Annotated[
         str | None, typer.Option(help="Cron schedule, in UTC (none: runs only when triggered).")
-    ] = "0 3 * * *",
+    ] = RETRAIN_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
     pool: Annotated[
         str, typer.Option(help="Work pool whose workers run it (the local stack's: upbeat).")
     ] = "upbeat",
     monitor_cron: Annotated[
         str, typer.Option(help="The drift monitor's schedule, in UTC ('': no monitor).")
-    ] = "*/30 * * * *",
+    ] = MONITOR_CRON,
 ) -> None:
     """Deploy the retrain flow to a work pool on the Prefect server (PREFECT_API_URL): its
     workers run it on the schedule, one run at a time, and whenever the drift monitor (deployed
