@@ -25,10 +25,11 @@ install: $(STAMP)
 run: install            ## the whole pipeline on the default profile, through the Prefect flow
 	HF_HUB_OFFLINE=1 $(VENV)/bin/upbeat run
 
-# pytest-xdist workers for `make test` (0: one process); a test module stays on one worker
+# pytest-xdist workers for `make test` (0: one process); a test module stays on one worker;
+# the 25 slowest tests are listed at the end (where the suite's time goes, in every CI log)
 TEST_WORKERS ?= 2
 test: install           ## the fast suite (tiny models; no network)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-slow: install      ## opt-in tests on the real default profile (SmolLM2)
 	$(PY) -m pytest -q -m slow
