@@ -10,6 +10,14 @@ the state the previous one left):
    champion and ends with a `dvc push` of every output to the bucket;
 3. a fresh clone with an empty DVC cache pulls that run and finds nothing to reproduce, and
    `upbeat generate` loads the champion from the server's registry;
+   Retrain on drift (monitor → event → trigger → retrain on the worker):
+   a. a second deploy adds `monitor/scheduled` and the drift trigger's automation beside `retrain`;
+   b. a rater votes through the rating page into the stack's PostgreSQL;
+   c. the data drop is replaced by tweets on other topics; a monitor run on the worker fires, its
+      `upbeat.drift.detected` event makes the trigger start `retrain` on the worker, which records
+      why it started (MLflow tag; the version's tag and model card), exports and uses the votes,
+      and registers a version that goes through the gate;
+   d. another drifted drop inside the cooldown: the monitor run says so and no retrain starts;
 4. two triggers at once (PPO made longer): one runs, the other waits for the concurrency slot;
 5. the worker's process group is SIGKILLed mid-PPO: the run ends Crashed, nothing of it is left
    running, the champion is unchanged;
@@ -32,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -72,6 +81,7 @@ CALL_WAIT = 300  # bound on one subprocess
 CRASH_WAIT = 120  # bound on a run ending after its worker died (it ends at its next log line)
 EXIT_WAIT = 30  # bound on a flow-run process exiting after its run is final
 PAGE_WAIT = 60  # bound on a page of the Prefect UI showing what it loads
+MONITOR_CRON = "0 4 29 2 *"  # 04:00 on 29 February: the monitor ticks when a step asks it to
 PG_OUTAGE = 45  # s PostgreSQL stays down under a run (plus its stop and start)
 
 
@@ -91,12 +101,12 @@ def prefect_at(st: Stack) -> Iterator[None]:
         yield
 
 
-def trigger(st: Stack) -> str:
+def trigger(st: Stack, deployment: str = "retrain/scheduled") -> str:
     """`run_deployment` without waiting: the id of the new flow run."""
     from prefect.deployments import run_deployment
 
     with prefect_at(st):
-        return str(run_deployment("retrain/scheduled", timeout=0).id)
+        return str(run_deployment(deployment, timeout=0).id)
 
 
 def state_of(st: Stack, run_id: str) -> Any:
@@ -244,7 +254,8 @@ def project(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """The tiny project, its data drop in git (a clone must see the same input), its default DVC
     remote the stack's bucket; at the end, no process of the module may still work in it."""
     root = tmp_path_factory.mktemp("team-flow")
-    proj = make_project(root / "project")
+    monitor = ["monitor.min_rows=50", "monitor.reference_rows=100", "monitor.n_prompts=16"]
+    proj = make_project(root / "project", monitor)
     git(proj, "add", "-f", "inputs/tweets.csv")
     git(proj, "commit", "-qm", "the data drop")
     dvc(proj, stack.client_env(), "remote", "add", "--local", "-d", "stack", REMOTE_URL)
@@ -291,7 +302,7 @@ def test_deploy_puts_retrain_on_the_pool_with_its_schedule_and_one_run_at_a_time
     refused = upbeat(stack, project, "deploy", env=no_server)
     assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
 
-    # no drift monitor here (tests/e2e/test_team_monitor.py): its cron must not add runs mid-story
+    # no drift monitor yet (the drift steps deploy it, on a cron that does not fire mid-story)
     done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", "")
     assert done.returncode == 0, done.stderr
     assert f"to work pool {WORK_POOL!r}" in " ".join(done.stdout.split())
@@ -390,15 +401,151 @@ def test_a_fresh_clone_pulls_the_last_run_and_finds_nothing_to_reproduce(
     assert done.stdout.count("i love") == 2
 
 
+# --- retrain on drift ----------------------------------------------------------------------------
+
+SPORT = ["goal", "match", "striker", "referee", "penalty", "league", "stadium", "keeper"]
+SPANISH = ["hoy", "mañana", "trabajo", "lluvia", "tarde", "jefe", "reunión", "almuerzo"]
+NO_TRIGGER_WAIT = 15  # how long a retrain that should not start is given to start anyway
+
+
+def write_drop(path: Path, vocab: list[str], n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = [
+        f'"{(0, 4)[i % 2]}","{900000 + seed * 1000 + i}","Mon Apr 06 2009","NO_QUERY","u{i}",'
+        f'"{" ".join(rng.choices(vocab, k=rng.randint(5, 12)))}"'
+        for i in range(n)
+    ]
+    path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+
+
+def retrain_runs(st: Stack) -> list[Any]:
+    """Every run of the `retrain/scheduled` deployment, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with prefect_at(st), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/scheduled")
+        only = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        return client.read_flow_runs(deployment_filter=only, sort=FlowRunSort.START_TIME_ASC)
+
+
+def test_deploy_adds_the_monitor_and_the_drift_trigger(stack: Stack, project: Path) -> None:
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import DRIFT_TRIGGER
+    from flows.monitor import EVENT
+
+    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", MONITOR_CRON)
+    assert done.returncode == 0, done.stderr
+    assert "deployed monitor/scheduled" in " ".join(done.stdout.split())
+    with prefect_at(stack), get_client(sync_client=True) as client:
+        monitor = client.read_deployment_by_name("monitor/scheduled")
+        automation = Automation.read(name=DRIFT_TRIGGER)
+    assert [s.schedule.cron for s in monitor.schedules] == [MONITOR_CRON]
+    assert monitor.job_variables["working_dir"] == str(project)
+    assert automation.trigger.expect == {EVENT}
+    (action,) = automation.actions
+    assert action.parameters["reason"] == "drift: {{ event.payload.reason }}"
+
+
+VOTES = 6
+
+
+def test_votes_on_the_page_go_to_the_stacks_postgres(on_stack: Stack, project: Path) -> None:
+    """Team mode: the rating page on the stack's `feedback` database, a rater voting through it."""
+    from feedback_server import serving
+
+    from upbeat.feedback.simulate import rate
+    from upbeat.feedback.store import Store
+
+    db = on_stack.client["UPBEAT_FEEDBACK_DB"]
+    assert db.startswith("postgresql")
+    store = Store(db)
+    token = store.add_rater("ann")
+    store.add_pairs(
+        dict(prompt=f"day {i}", text_a=f" so great {i}", text_b=f" so awful {i}",
+             model_a="models:/upbeat-policy/1", model_b="models:/upbeat-policy/1", seed=i)
+        for i in range(VOTES)
+    )  # fmt: skip
+
+    def person(texts):  # prefers "great"
+        return [float("great" in t) for t in texts]
+
+    with serving(project.parent / "page", db, "--votes-per-minute", "600") as (url, _):
+        given = rate(url, token, person, votes=VOTES, deadline=120)
+    assert sum(given.values()) == VOTES
+    assert len(store.export()) == VOTES
+    store.close()
+
+
+def test_a_drifted_drop_starts_a_retrain_on_the_worker_that_says_why(
+    on_stack: Stack, project: Path
+) -> None:
+    from upbeat import registry
+
+    write_drop(project / "inputs" / "tweets.csv", SPORT, 300, seed=1)  # the drop ingest reads
+    tick = trigger(on_stack, "monitor/scheduled")
+    state = wait_final(on_stack, tick)
+    logs = final_logs(on_stack, tick)
+    assert state.is_completed(), f"{state.name}: {state.message}\n{logs}"
+    assert "monitor: DRIFT:" in logs and "event upbeat.drift.detected emitted" in logs
+
+    triggered = wait_until(
+        "a retrain run started by the trigger",
+        lambda: [r for r in retrain_runs(on_stack) if r.parameters.get("reason")],
+        120,
+    )[0]
+    run_id = str(triggered.id)
+    state = wait_final(on_stack, run_id)
+    assert state.is_completed(), f"{state.name}: {state.message}\n{logs_of(on_stack, run_id)}"
+    assert triggered.parameters["reason"].startswith("drift: ")
+    assert "domain_auc" in triggered.parameters["reason"]
+    assert parent_run(run_id).data.tags["upbeat.retrain_reason"].startswith("drift: ")
+    assert registry_state()[1] == 2  # a second version, registered by the triggered run
+    mv = registry._client().get_model_version(MODEL, "2")
+    assert mv.tags["gate.passed"] in ("True", "False")  # the gate decided
+    assert mv.tags["retrain.reason"].startswith("drift: ")
+    assert "Retrained because drift: " in (registry.read_card(MODEL, "2") or "")
+    # the deployed retrain exported the votes from the stack's PostgreSQL and used them
+    assert stage_outcomes(parent_run(run_id))["feedback"] == "ran"
+    feedback = json.loads((project / "reports" / "feedback.json").read_text())
+    assert feedback["feedback/votes"] == VOTES and feedback["feedback/pairs"] == VOTES
+
+
+def test_a_second_drifted_tick_inside_the_cooldown_starts_nothing(
+    on_stack: Stack, project: Path
+) -> None:
+    before = len(retrain_runs(on_stack))
+    drop = project / "inputs" / "spanish.csv"
+    write_drop(drop, SPANISH, 300, seed=2)
+    try:
+        tick = trigger(on_stack, "monitor/scheduled")
+        state = wait_final(on_stack, tick)
+        logs = final_logs(on_stack, tick)
+    finally:
+        drop.unlink()  # withdrawn: the steps below retrain on the data the last run read
+    assert state.is_completed(), f"{state.name}: {state.message}\n{logs}"
+    assert "drift held back" in logs and "cooldown" in logs
+    assert "emitted" not in logs
+    time.sleep(NO_TRIGGER_WAIT)
+    assert len(retrain_runs(on_stack)) == before
+
+
+# --- one run at a time, lost workers and servers -------------------------------------------------
+
+
 def test_two_triggers_at_once_one_runs_and_the_other_waits_for_the_slot(
-    stack: Stack, project: Path, story: dict[str, Any]
+    on_stack: Stack, project: Path, story: dict[str, Any]
 ) -> None:
     # PPO onwards is stale; a snapshot every 20 steps keeps evaluate's curve to a few points.
     apply_overrides(project / "params.yaml", [f"ppo.steps={LONG_PPO}", "ppo.snapshot_every=20"])
-    runs = [trigger(stack), trigger(stack)]
+    story["registry"] = registry_state()  # (champion, versions) that the lost runs keep
+    runs = [trigger(on_stack), trigger(on_stack)]
 
     def one_runs_one_waits() -> tuple[str, str] | None:
-        states = [state_of(stack, r) for r in runs]
+        states = [state_of(on_stack, r) for r in runs]
         names = [s.name for s in states]
         assert names.count("Running") <= 1, names  # never both: the limit holds throughout
         # The worker offers each run when it polls; the server refuses the second one a slot.
@@ -427,7 +574,7 @@ def test_a_killed_worker_crashes_its_run_and_leaves_the_champion(
     assert WORKER_GONE in log and "Traceback" not in log, log  # one line, not rich's traceback
     assert state_of(on_stack, waiting).name == "AwaitingConcurrencySlot"  # no worker to take it
     assert parent_run(running).info.status == "FAILED"  # never FINISHED without its outputs
-    assert registry_state() == ("1", 1)
+    assert registry_state() == story["registry"]
     # The flow-run process stopped its stage's process group on its way out.
     wait_until("the killed run's processes to end", lambda: not processes_in(project), 60)
     assert newest_checkpoint(project) >= 3  # what the next run resumes from
@@ -484,9 +631,10 @@ def test_a_restarted_worker_runs_the_waiting_trigger_from_the_checkpoint_through
     assert resumed is not None and int(resumed[1]) == int(first_step[1]) - 1
     steps = [m.step for m in client.get_metric_history(ppo.info.run_id, "objective/score")]
     assert sorted(set(steps)) == list(range(int(first_step[1]), LONG_PPO + 1))
-    assert registry_state()[1] == 2
-    for version in ("1", "2"):
-        assert registry.files_problem(MODEL, version) is None, version
+    versions = registry_state()[1]
+    assert versions == story["registry"][1] + 1
+    for version in range(1, versions + 1):
+        assert registry.files_problem(MODEL, str(version)) is None, version
 
 
 def test_s3_down_at_push_time_fails_the_run_naming_the_remote_and_keeps_the_outputs(
@@ -524,7 +672,7 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
 
     server_log = on_stack.root / "logs" / "prefect.log"
     seen = server_log.stat().st_size  # earlier steps restarted PostgreSQL under the server
-    done = upbeat(on_stack, project, "deploy", "--cron", EVERY_MINUTE)
+    done = upbeat(on_stack, project, "deploy", "--cron", EVERY_MINUTE, "--monitor-cron", "")
     assert done.returncode == 0, done.stderr
     with prefect_at(on_stack), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/scheduled")
@@ -536,7 +684,7 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
             )
         finally:
             # back to the story's nightly cron: no more runs every minute, whatever failed above
-            upbeat(on_stack, project, "deploy", "--cron", "0 3 * * *")
+            upbeat(on_stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", "")
             for run in scheduled_runs(client, deployment.id):
                 if run.state is not None and run.state.type == StateType.SCHEDULED:
                     client.delete_flow_run(run.id)
@@ -564,6 +712,7 @@ def long_run(st: Stack, project: Path) -> tuple[str, int]:
 def test_stack_down_under_a_run_refuses_and_with_force_cancels_it_first(
     on_stack: Stack, project: Path
 ) -> None:
+    versions = registry_state()[1]
     run_id, _ = long_run(on_stack, project)
     servers = [r for n in NAMES if (r := read_record(on_stack.root / "run", n))]
     refused = on_stack.cli("down", check=False)
@@ -579,7 +728,7 @@ def test_stack_down_under_a_run_refuses_and_with_force_cancels_it_first(
     on_stack.up()
     assert state_of(on_stack, run_id).type.value == "CANCELLED"
     assert parent_run(run_id).info.status == "KILLED"
-    assert registry_state()[1] == 2  # nothing registered
+    assert registry_state()[1] == versions  # nothing registered
 
 
 @pytest.mark.slow
