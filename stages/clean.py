@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from upbeat.startup import imports_kept
 
-with imports_kept():  # torch, transformers, MLflow: loaded once, never scanned by the GC
+with imports_kept():  # the libraries load with the GC off (upbeat/startup.py)
     import argparse
 
     import mlflow

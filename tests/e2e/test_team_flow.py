@@ -60,6 +60,7 @@ from stack_fixture import Stack, request, s3_keys
 from tiny_project import git, make_project
 from waiting import wait_until
 
+from flows.deploy import RETRAIN_CRON
 from flows.retrain import WORKER_GONE
 from upbeat.cli import apply_overrides
 from upbeat.stack import NAMES, WORK_POOL, s3
@@ -303,14 +304,14 @@ def test_deploy_puts_retrain_on_the_pool_with_its_schedule_and_one_run_at_a_time
     assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
 
     # no drift monitor yet (the drift steps deploy it, on a cron that does not fire mid-story)
-    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", "")
+    done = upbeat(stack, project, "deploy", "--cron", RETRAIN_CRON, "--monitor-cron", "")
     assert done.returncode == 0, done.stderr
     assert f"to work pool {WORK_POOL!r}" in " ".join(done.stdout.split())
     with prefect_at(stack), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/scheduled")
         automation = Automation.read(name=ZOMBIE_AUTOMATION)
     assert deployment.work_pool_name == WORK_POOL
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert [s.schedule.cron for s in deployment.schedules] == [RETRAIN_CRON]
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.parameters["project"] == str(project)
     assert deployment.job_variables["working_dir"] == str(project)
@@ -437,7 +438,7 @@ def test_deploy_adds_the_monitor_and_the_drift_trigger(stack: Stack, project: Pa
     from flows.deploy import DRIFT_TRIGGER
     from flows.monitor import EVENT
 
-    done = upbeat(stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", MONITOR_CRON)
+    done = upbeat(stack, project, "deploy", "--cron", RETRAIN_CRON, "--monitor-cron", MONITOR_CRON)
     assert done.returncode == 0, done.stderr
     assert "deployed monitor/scheduled" in " ".join(done.stdout.split())
     with prefect_at(stack), get_client(sync_client=True) as client:
@@ -684,7 +685,7 @@ def test_an_every_minute_schedule_gets_runs_from_the_scheduler_that_the_worker_r
             )
         finally:
             # back to the story's nightly cron: no more runs every minute, whatever failed above
-            upbeat(on_stack, project, "deploy", "--cron", "0 3 * * *", "--monitor-cron", "")
+            upbeat(on_stack, project, "deploy", "--cron", RETRAIN_CRON, "--monitor-cron", "")
             for run in scheduled_runs(client, deployment.id):
                 if run.state is not None and run.state.type == StateType.SCHEDULED:
                     client.delete_flow_run(run.id)
