@@ -75,11 +75,11 @@ def command(question: str, *args: str, result: Path) -> list[str]:
     return [sys.executable, "-m", "flows.pipeline", question, *args, str(result)]
 
 
-def result_file(root: Path) -> Path:
+def result_file(root: Path, suffix: str = ".json") -> Path:
     """A fresh file for one answer, in DVC's own scratch folder of the project."""
     tmp = root / ".dvc" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="upbeat-", suffix=".json", dir=tmp)
+    fd, name = tempfile.mkstemp(prefix="upbeat-", suffix=suffix, dir=tmp)
     os.close(fd)
     return Path(name)
 

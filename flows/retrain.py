@@ -50,6 +50,7 @@ from flows.run import (
     run,
     run_body,
     run_lock,
+    stage_records,
     streamed,
 )
 
@@ -116,9 +117,13 @@ def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
     The stage's output is streamed line by line into the flow's log as it comes.
     """
     result = result_file(Path(root))
-    # A process hop: the stage must be stoppable as a process group of its own, and DVC's API
-    # works in the current directory (DVC's own hop, its shell, then runs the stage's `cmd`).
-    code, output = streamed(command("repro", stage, result=result), root, env)
+    env, records = stage_records(Path(root), env)  # its MLflow logs, logged from here
+    try:
+        # A process hop: the stage must be stoppable as a process group of its own, and DVC's
+        # API works in the current directory (DVC's own hop, its shell, then the stage's `cmd`).
+        code, output = streamed(command("repro", stage, result=result), root, env, records.tick)
+    finally:
+        records.close("KILLED" if stopping() else "FAILED")  # if the stage could not end it
     answer = read_result(result)
     if signame := stopping():
         return Cancelled(message=f"stage {stage!r} stopped by {signame}")

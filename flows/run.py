@@ -54,7 +54,7 @@ from flows.pipeline import (
 )
 from flows.processes import run_stoppable, run_streaming, stopping
 from upbeat.startup import imports_kept
-from upbeat.tracking import REASON_ENV, git
+from upbeat.tracking import PARENT_ENV, REASON_ENV, RECORD_ENV, RecordReplay, git
 
 # How a stage and the push run inside a flow run (flows.retrain passes Prefect tasks): the outcome,
 # or the exception saying how it ended.
@@ -251,9 +251,11 @@ def run_lock(root: Path, timeout: float = 0) -> Iterator[None]:
 # --- a process's output into the run's log -------------------------------------------------------
 
 
-def streamed(cmd: list[str], root: str, env: dict[str, str]) -> tuple[int, str]:
+def streamed(
+    cmd: list[str], root: str, env: dict[str, str], tick: Callable[[], None] | None = None
+) -> tuple[int, str]:
     """Run `cmd`, its output lines into the run's log as they come (progress-bar redraws left
-    out); its exit code and its output."""
+    out), calling `tick` after each; its exit code and its output."""
     logger = _log()
     lines: list[str] = []
 
@@ -261,6 +263,8 @@ def streamed(cmd: list[str], root: str, env: dict[str, str]) -> tuple[int, str]:
         if line and not PROGRESS_BAR.search(line):
             logger.info(line)
             lines.append(line)
+        if tick is not None:
+            tick()
 
     code = run_streaming(cmd, root, env, on_line)
     return code, "\n".join(lines)
@@ -323,6 +327,20 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
         },
     )
     return client, run.info.run_id
+
+
+def stage_records(root: Path, env: dict[str, str]) -> tuple[dict[str, str], RecordReplay]:
+    """The environment for one stage attempt, naming a fresh file for its MLflow records, and
+    the replay that logs them under the run's MLflow run (`upbeat.tracking.StageRun`)."""
+    from mlflow import MlflowClient
+
+    from upbeat.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(root))
+    parent = env[PARENT_ENV]
+    record = result_file(root, suffix=".jsonl")
+    replay = RecordReplay(client, client.get_run(parent).info.experiment_id, parent, record)
+    return {**env, RECORD_ENV: str(record)}, replay
 
 
 # --- the body ------------------------------------------------------------------------------------

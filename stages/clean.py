@@ -7,8 +7,6 @@ from upbeat.startup import imports_kept
 with imports_kept():  # the libraries load with the GC off (upbeat/startup.py)
     import argparse
 
-    import mlflow
-
     from upbeat.config import load_params
     from upbeat.data.check import require_passing
     from upbeat.data.clean import clean_tweets
@@ -29,7 +27,7 @@ def main() -> None:
 
     params = load_params()
     require_passing(args.verdict)
-    with stage_run("clean", params.clean.model_dump()):
+    with stage_run("clean", params.clean.model_dump()) as run:
         result = clean_tweets(load_canonical(args.data), params.clean)
         if result.train.empty or result.eval.empty:
             raise DataError(
@@ -43,7 +41,7 @@ def main() -> None:
         }
         write_json(args.metrics, {**result.stats, "rules": rules})
         log_metrics(result.stats)
-        mlflow.log_artifact(args.metrics)
+        run.log_artifact(args.metrics)
     print(f"clean: {len(result.train)} train / {len(result.eval)} eval rows")
 
 

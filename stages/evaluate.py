@@ -10,8 +10,6 @@ with imports_kept():  # the libraries load with the GC off (upbeat/startup.py)
     from pathlib import Path
     from typing import Any
 
-    import mlflow
-
     from upbeat.checkpoints import snapshots
     from upbeat.config import load_params
     from upbeat.data.sources import load_canonical
@@ -48,7 +46,7 @@ def main() -> None:
     if device.type == "cpu":
         set_threads(params.policy.num_threads)
     bf16 = resolve_bf16(p.bf16, device, "evaluate.bf16")
-    with stage_run("evaluate", p.model_dump()):
+    with stage_run("evaluate", p.model_dump()) as run:
         spec = load_spec(args.reward_spec)
         judge = load_judge(p.judge, spec)
         sft, ppo = load_policy(args.sft, device=device), load_policy(args.ppo, device=device)
@@ -115,7 +113,7 @@ def main() -> None:
         write_json(args.metrics, result.metrics)
         log_metrics(result.metrics)
         for path in [args.metrics, args.samples, args.curve, *map(str, plots)]:
-            mlflow.log_artifact(path)
+            run.log_artifact(path)
     m = result.metrics
     print(
         f"evaluate: reward {m['before/reward_mean']:+.3f} -> {m['after/reward_mean']:+.3f} "

@@ -32,7 +32,8 @@ def main() -> None:
 
     params = load_params()
     name = params.register.model_name
-    with stage_run("register", params.register.model_dump()) as run:
+    # in this process: the registry logs the model to this stage's MLflow run
+    with stage_run("register", params.register.model_dump(), in_process=True) as run:
         metrics = read_json(args.evaluate)
         spec = read_json(args.reward_spec)
         reward_ref = f"{spec['kind']}"
@@ -63,7 +64,7 @@ def main() -> None:
             {
                 "model_name": name,
                 "version": version,
-                "run_id": run.info.run_id,
+                "run_id": run.run_id,
                 "reward": reward_ref,
             },
         )

@@ -13,8 +13,6 @@ with imports_kept():  # the libraries load with the GC off (upbeat/startup.py)
     import sys
     from pathlib import Path
 
-    import mlflow
-
     from upbeat.config import load_params
     from upbeat.data.expectations import validate_frame
     from upbeat.data.sources import load_canonical
@@ -33,7 +31,7 @@ def main() -> None:
 
     params = load_params()
     progress = Progress("validate")
-    with stage_run("validate", params.validate.model_dump()), progress:
+    with stage_run("validate", params.validate.model_dump()) as run, progress:
         progress.phase(f"reading {args.data}")
         df = load_canonical(args.data)
         progress.phase(f"checking {len(df)} rows with the GX suite, then writing Data Docs")
@@ -41,11 +39,11 @@ def main() -> None:
         write_json(args.metrics, verdict)
         log_metrics({k: v for k, v in verdict.items() if k.startswith("data/")})
 
-        mlflow.set_tag("upbeat.validation", "passed" if verdict["success"] else "failed")
-        mlflow.log_artifact(args.metrics)
+        run.set_tag("upbeat.validation", "passed" if verdict["success"] else "failed")
+        run.log_artifact(args.metrics)
         index = Path(args.docs) / "index.html"
         if index.is_file():
-            mlflow.log_artifact(str(index), artifact_path="data_docs")
+            run.log_artifact(index, artifact_path="data_docs")
     if not verdict["success"]:
         print(f"error: {args.data}: {verdict['summary']}", file=sys.stderr)
         print(f"details: {args.metrics}, {Path(args.docs) / 'index.html'}", file=sys.stderr)

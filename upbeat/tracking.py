@@ -5,8 +5,8 @@ Where runs and models go is MLflow's own configuration, read, never copied: `MLF
 `mlflow/artifacts/`, under the project root), `MLFLOW_REGISTRY_URI` (a registry elsewhere; without
 it the registry is the tracking store) and MLflow's auth variables (`MLFLOW_TRACKING_USERNAME` /
 `MLFLOW_TRACKING_PASSWORD`, which only MLflow reads).
-A stage run by the Prefect flow nests under the flow's parent run (the flow passes its run id in
-`UPBEAT_PARENT_RUN_ID`); a stage run by plain `dvc repro` is a top-level run of its own.
+A stage run by the Prefect flow nests under the flow's parent run, and the flow logs what the
+stage records (`StageRun`); a stage run by plain `dvc repro` is a top-level run of its own.
 Metric keys are lowercase `group/name` and are the same in MLflow and in the DVC metrics JSON.
 """
 
@@ -28,6 +28,7 @@ from upbeat.files import replacing
 
 EXPERIMENT = "upbeat"
 PARENT_ENV = "UPBEAT_PARENT_RUN_ID"
+RECORD_ENV = "UPBEAT_STAGE_RECORD"  # the file a stage under the flow records its MLflow logs in
 REASON_ENV = "UPBEAT_RETRAIN_REASON"  # why a retrain run started (a drift trigger's reason)
 
 
@@ -162,33 +163,189 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@contextmanager
-def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under the flow's run when there is one."""
-    import mlflow
+class StageRun:
+    """What one stage logs to MLflow: params, metrics, tags and artifacts.
 
-    setup_mlflow()
-    parent = os.environ.get(PARENT_ENV) or None
-    tags = {"upbeat.stage": stage}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
-        if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params, f"{stage}.").items()})
-        yield run
+    Under the flow (`RECORD_ENV` names a file) each call appends a JSON line to that file and the
+    flow logs it under its own run (`replay_records`), so a stage process never imports MLflow
+    or opens its store (about 3 s of every stage on a 2-core CPU, benchmarks/README.md). Run by
+    plain `dvc repro`, or by a stage that needs MLflow anyway (the registry's), it logs itself:
+    `run_id` is its MLflow run then, None under the flow.
+    """
+
+    def __init__(self, stage: str, record: Path | None) -> None:
+        self.stage = stage
+        self.record = record
+        self.run_id: str | None = None
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        assert self.record is not None
+        with self.record.open("a", encoding="utf-8") as f:  # a whole line per call: the flow
+            f.write(json.dumps({**entry, "time": _now_ms()}, default=str) + "\n")  # tails it
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = {k: str(v)[:500] for k, v in flatten(params, f"{self.stage}.").items()}
+        if self.record is not None:
+            self._write({"params": flat})
+        else:
+            import mlflow
+
+            mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Finite numeric metrics only (keys kept as `group/name`)."""
+        import math
+
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        if not clean:
+            return
+        if self.record is not None:
+            self._write({"metrics": clean, "step": step or 0})
+        else:
+            import mlflow
+
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.record is not None:
+            self._write({"tags": {key: value}})
+        else:
+            import mlflow
+
+            mlflow.set_tag(key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file; under the flow it is read when the flow logs the line, so log a file the
+        stage keeps (its outputs and reports), never a temporary one."""
+        if self.record is not None:
+            self._write({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+        else:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+_current: list[StageRun] = []  # the stage run `log_metrics` logs to
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def stage_run(
+    stage: str, params: Mapping[str, Any] | None = None, *, in_process: bool = False
+) -> Iterator[StageRun]:
+    """One stage's MLflow run (`StageRun`), nested under the flow's run when there is one.
+    `in_process`: log from this process even under the flow, for a stage that needs an MLflow
+    run of its own anyway (register logs its model to it)."""
+    record = os.environ.get(RECORD_ENV)
+    run = StageRun(stage, None if in_process or not record else Path(record))
+    _current.append(run)
+    try:
+        if run.record is not None:
+            run._write({"start": stage})
+            if params:
+                run.log_params(params)
+            try:
+                yield run
+            except BaseException:
+                run._write({"end": "FAILED"})
+                raise
+            run._write({"end": "FINISHED"})
+            return
+        import mlflow
+
+        setup_mlflow()
+        parent = os.environ.get(PARENT_ENV) or None
+        tags = {"upbeat.stage": stage}
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as active:
+            run.run_id = active.info.run_id
+            if params:
+                run.log_params(params)
+            yield run
+    finally:
+        _current.remove(run)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite numeric metrics to the active MLflow run (keys kept as `group/name`)."""
-    import math
+    """Log finite numeric metrics to the current stage run, else to MLflow's active run."""
+    (_current[-1] if _current else StageRun("", None)).log_metrics(metrics, step)
 
-    import mlflow
 
-    clean = {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
-    if clean:
-        mlflow.log_metrics(clean, step=step)
+class RecordReplay:
+    """The flow's side of `StageRun`: logs the lines a stage appends to its record file, under a
+    run nested in the flow's run, made at the stage's `start` line. `poll()` as often as you like
+    while the stage runs (a half-written last line waits for the next call); `close()` after it
+    exits ends a run the stage could not end itself (killed, stopped) with the status given."""
+
+    def __init__(self, client: Any, experiment_id: str, parent_run_id: str, record: Path) -> None:
+        self.client, self.experiment_id, self.parent = client, experiment_id, parent_run_id
+        self.record = record
+        self.done = 0  # lines logged
+        self.run_id: str | None = None
+        self.ended = False
+        self.polled = 0.0
+
+    def tick(self, every: float = 2.0) -> None:
+        """`poll()`, at most once every `every` seconds (call it on every line a stage prints)."""
+        import time
+
+        if time.monotonic() - self.polled >= every:
+            self.poll()
+
+    def poll(self) -> None:
+        import time
+
+        self.polled = time.monotonic()
+        from mlflow.entities import Metric, Param, RunTag
+
+        try:
+            lines = self.record.read_text(encoding="utf-8").split("\n")[:-1]  # whole lines only
+        except FileNotFoundError:
+            return
+        client = self.client
+        for line in lines[self.done :]:
+            entry = json.loads(line)
+            ts = entry["time"]
+            if "start" in entry:  # a retried stage's new attempt appends a new start
+                tags = {"upbeat.stage": entry["start"], "mlflow.parentRunId": self.parent}
+                run = client.create_run(
+                    self.experiment_id, start_time=ts, tags=tags, run_name=entry["start"]
+                )
+                self.run_id, self.ended = run.info.run_id, False
+            elif self.run_id is None:
+                continue
+            elif "params" in entry:
+                params = [Param(k, v) for k, v in entry["params"].items()]
+                client.log_batch(self.run_id, params=params)
+            elif "metrics" in entry:
+                step = entry["step"]
+                metrics = [Metric(k, v, ts, step) for k, v in entry["metrics"].items()]
+                client.log_batch(self.run_id, metrics=metrics)
+            elif "tags" in entry:
+                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+            elif "artifact" in entry:
+                if Path(entry["artifact"]).exists():  # a failed stage's DVC may have removed it
+                    client.log_artifact(self.run_id, entry["artifact"], entry["artifact_path"])
+            elif "end" in entry:
+                client.set_terminated(self.run_id, entry["end"], end_time=ts)
+                self.ended = True
+        self.done = len(lines)
+
+    def close(self, status: str = "FAILED") -> None:
+        """The rest of the lines; then the run ends `status` if the stage did not end it."""
+        self.poll()
+        if self.run_id is not None and not self.ended:
+            self.client.set_terminated(self.run_id, status)
+            self.ended = True
+        self.record.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from upbeat.tracking import artifact_root, end_orphaned_runs, owner_tags, write_csv
 
 
@@ -44,3 +46,66 @@ def test_the_next_run_ends_only_this_projects_runs_left_running(tmp_path):
     assert "pid 999999" in client.get_run(dead).data.tags["upbeat.ended"]
     assert client.get_run(elsewhere).info.status == "RUNNING"
     assert client.get_run(finished).info.status == "FINISHED"
+
+
+def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, monkeypatch):
+    """The stage side writes lines (no MLflow in its process); the flow's replay logs them under
+    its run, the params, the metrics with their steps, tags and artifacts, and ends the run."""
+    from mlflow import MlflowClient
+
+    from upbeat.tracking import RECORD_ENV, RecordReplay, log_metrics, stage_run
+
+    client = MlflowClient()  # conftest's throwaway sqlite store
+    exp = client.create_experiment("upbeat")
+    parent = client.create_run(exp).info.run_id
+    record = tmp_path / "record.jsonl"
+    report = tmp_path / "metrics.json"
+    report.write_text("{}")
+    monkeypatch.setenv(RECORD_ENV, str(record))
+    replay = RecordReplay(client, exp, parent, record)
+
+    with stage_run("sft", {"lr": 0.1, "policy": {"base": "tiny"}}) as run:
+        assert run.run_id is None  # nothing made in this process
+        log_metrics({"sft/loss": 2.0, "sft/skip": float("nan"), "sft/flag": True}, step=1)
+        replay.tick()  # live: what is written so far is logged while the stage runs
+        assert replay.run_id is not None
+        assert client.get_run(replay.run_id).info.status == "RUNNING"
+        log_metrics({"sft/loss": 1.5}, step=2)
+        run.set_tag("upbeat.validation", "passed")
+        run.log_artifact(report)
+    replay.close()
+
+    logged = client.get_run(replay.run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.tags["mlflow.parentRunId"] == parent
+    assert logged.data.tags["upbeat.stage"] == "sft"
+    assert logged.data.tags["upbeat.validation"] == "passed"
+    assert logged.data.params == {"sft.lr": "0.1", "sft.policy.base": "tiny"}
+    history = client.get_metric_history(replay.run_id, "sft/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
+    assert set(logged.data.metrics) == {"sft/loss"}  # no NaN, no bool
+    assert [a.path for a in client.list_artifacts(replay.run_id)] == ["metrics.json"]
+    assert not record.exists()
+
+
+def test_a_stage_that_died_mid_run_is_ended_by_the_flow(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
+
+    client = MlflowClient()
+    exp = client.create_experiment("upbeat")
+    parent = client.create_run(exp).info.run_id
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv(RECORD_ENV, str(record))
+    with pytest.raises(ValueError), stage_run("ppo"):  # the stage's own error: it ends FAILED
+        raise ValueError("diverged")
+    failed = RecordReplay(client, exp, parent, record)
+    failed.close("KILLED")
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+
+    # a SIGKILLed stage: its start line, no end line, and half a line
+    record.write_text('{"start": "ppo", "time": 1}\n{"metrics": {"ppo/kl"')
+    killed = RecordReplay(client, exp, parent, record)
+    killed.close("KILLED")
+    assert client.get_run(killed.run_id).info.status == "KILLED"
