@@ -121,9 +121,11 @@ def repro_stage(root: str, stage: str, env: dict[str, str]) -> str | State:
     try:
         # A process hop: the stage must be stoppable as a process group of its own, and DVC's
         # API works in the current directory (DVC's own hop, its shell, then the stage's `cmd`).
-        code, output = streamed(command("repro", stage, result=result), root, env, records.tick)
+        code, output = streamed(command("repro", stage, result=result), root, env)
     finally:
-        records.close("KILLED" if stopping() else "FAILED")  # if the stage could not end it
+        unlogged = records.close("KILLED" if stopping() else "FAILED")  # if the stage did not
+    if unlogged:  # the stage's outputs count; its MLflow records wait in their file
+        get_run_logger().warning("stage %r: %s", stage, unlogged)
     answer = read_result(result)
     if signame := stopping():
         return Cancelled(message=f"stage {stage!r} stopped by {signame}")

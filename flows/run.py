@@ -251,11 +251,9 @@ def run_lock(root: Path, timeout: float = 0) -> Iterator[None]:
 # --- a process's output into the run's log -------------------------------------------------------
 
 
-def streamed(
-    cmd: list[str], root: str, env: dict[str, str], tick: Callable[[], None] | None = None
-) -> tuple[int, str]:
+def streamed(cmd: list[str], root: str, env: dict[str, str]) -> tuple[int, str]:
     """Run `cmd`, its output lines into the run's log as they come (progress-bar redraws left
-    out), calling `tick` after each; its exit code and its output."""
+    out); its exit code and its output."""
     logger = _log()
     lines: list[str] = []
 
@@ -263,8 +261,6 @@ def streamed(
         if line and not PROGRESS_BAR.search(line):
             logger.info(line)
             lines.append(line)
-        if tick is not None:
-            tick()
 
     code = run_streaming(cmd, root, env, on_line)
     return code, "\n".join(lines)
@@ -331,7 +327,8 @@ def open_parent_run(root: Path) -> tuple[Any, str]:
 
 def stage_records(root: Path, env: dict[str, str]) -> tuple[dict[str, str], RecordReplay]:
     """The environment for one stage attempt, naming a fresh file for its MLflow records, and
-    the replay that logs them under the run's MLflow run (`upbeat.tracking.StageRun`)."""
+    the replay that logs them under the run's MLflow run as they come (`upbeat.tracking.StageRun`;
+    call its `close()` when the stage has exited)."""
     from mlflow import MlflowClient
 
     from upbeat.tracking import tracking_uri
@@ -340,7 +337,7 @@ def stage_records(root: Path, env: dict[str, str]) -> tuple[dict[str, str], Reco
     parent = env[PARENT_ENV]
     record = result_file(root, suffix=".jsonl")
     replay = RecordReplay(client, client.get_run(parent).info.experiment_id, parent, record)
-    return {**env, RECORD_ENV: str(record)}, replay
+    return {**env, RECORD_ENV: str(record)}, replay.start()
 
 
 # --- the body ------------------------------------------------------------------------------------

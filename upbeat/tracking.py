@@ -281,71 +281,118 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 class RecordReplay:
     """The flow's side of `StageRun`: logs the lines a stage appends to its record file, under a
-    run nested in the flow's run, made at the stage's `start` line. `poll()` as often as you like
-    while the stage runs (a half-written last line waits for the next call); `close()` after it
-    exits ends a run the stage could not end itself (killed, stopped) with the status given."""
+    run nested in the flow's run, made at the stage's `start` line.
 
-    def __init__(self, client: Any, experiment_id: str, parent_run_id: str, record: Path) -> None:
+    `start()` logs them from a thread every `every` seconds while the stage runs (the flow's
+    reader of the stage's output never waits on MLflow); `close()` after the stage exits logs the
+    rest and ends a run the stage could not end itself (killed, stopped) with the status given.
+    """
+
+    def __init__(
+        self, client: Any, experiment_id: str, parent_run_id: str, record: Path, every: float = 2.0
+    ) -> None:
+        import threading
+
         self.client, self.experiment_id, self.parent = client, experiment_id, parent_run_id
-        self.record = record
+        self.record, self.every = record, every
         self.done = 0  # lines logged
         self.run_id: str | None = None
         self.ended = False
-        self.polled = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-records", daemon=True)
 
-    def tick(self, every: float = 2.0) -> None:
-        """`poll()`, at most once every `every` seconds (call it on every line a stage prints)."""
-        import time
+    def start(self) -> RecordReplay:
+        self._thread.start()
+        return self
 
-        if time.monotonic() - self.polled >= every:
-            self.poll()
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.poll()
+            except Exception:  # MLflow unreachable for now: the lines wait for the next poll
+                continue
 
     def poll(self) -> None:
-        import time
-
-        self.polled = time.monotonic()
-        from mlflow.entities import Metric, Param, RunTag
-
+        """Log the whole lines written since the last poll (a half-written last line waits).
+        A line counts as done once MLflow took it: after a failure the next poll sends it again."""
         try:
-            lines = self.record.read_text(encoding="utf-8").split("\n")[:-1]  # whole lines only
+            lines = self.record.read_text(encoding="utf-8").split("\n")[:-1]
         except FileNotFoundError:
             return
-        client = self.client
-        for line in lines[self.done :]:
+        batch = _Batch(self.client)
+        for i, line in enumerate(lines[self.done :], start=self.done):
             entry = json.loads(line)
-            ts = entry["time"]
-            if "start" in entry:  # a retried stage's new attempt appends a new start
+            if "start" in entry or "artifact" in entry or "end" in entry:
+                batch.flush()  # what came before, first
+                self.done = i
+            if "start" in entry:  # a run of its own for each attempt
                 tags = {"upbeat.stage": entry["start"], "mlflow.parentRunId": self.parent}
-                run = client.create_run(
-                    self.experiment_id, start_time=ts, tags=tags, run_name=entry["start"]
+                run = self.client.create_run(
+                    self.experiment_id, start_time=entry["time"], tags=tags, run_name=entry["start"]
                 )
                 self.run_id, self.ended = run.info.run_id, False
             elif self.run_id is None:
-                continue
-            elif "params" in entry:
-                params = [Param(k, v) for k, v in entry["params"].items()]
-                client.log_batch(self.run_id, params=params)
-            elif "metrics" in entry:
-                step = entry["step"]
-                metrics = [Metric(k, v, ts, step) for k, v in entry["metrics"].items()]
-                client.log_batch(self.run_id, metrics=metrics)
-            elif "tags" in entry:
-                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+                pass
             elif "artifact" in entry:
                 if Path(entry["artifact"]).exists():  # a failed stage's DVC may have removed it
-                    client.log_artifact(self.run_id, entry["artifact"], entry["artifact_path"])
+                    self.client.log_artifact(self.run_id, entry["artifact"], entry["artifact_path"])
             elif "end" in entry:
-                client.set_terminated(self.run_id, entry["end"], end_time=ts)
+                self.client.set_terminated(self.run_id, entry["end"], end_time=entry["time"])
                 self.ended = True
+            else:
+                batch.add(self.run_id, entry)
+            if "start" in entry or "artifact" in entry or "end" in entry:
+                self.done = i + 1
+        batch.flush()
         self.done = len(lines)
 
-    def close(self, status: str = "FAILED") -> None:
-        """The rest of the lines; then the run ends `status` if the stage did not end it."""
-        self.poll()
-        if self.run_id is not None and not self.ended:
-            self.client.set_terminated(self.run_id, status)
-            self.ended = True
+    def close(self, status: str = "FAILED") -> str | None:
+        """Stop the thread, log the rest, end the run `status` if the stage did not end it, and
+        remove the record. Returns None, or why MLflow took not all of it (the record stays)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.poll()
+            if self.run_id is not None and not self.ended:
+                self.client.set_terminated(self.run_id, status)
+                self.ended = True
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return f"MLflow did not take every record ({first}); they stay in {self.record}"
         self.record.unlink(missing_ok=True)
+        return None
+
+
+BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's, per log_batch call
+
+
+class _Batch:
+    """A poll's params, metrics and tags of one run, sent in `log_batch` calls (one write each,
+    within MLflow's per-call limits) instead of one call per line."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.run_id = ""
+        self.items: dict[str, list[Any]] = {"metrics": [], "params": [], "tags": []}
+
+    def add(self, run_id: str, entry: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.run_id = run_id  # one run per batch: the poll flushes before a new start
+        if "params" in entry:
+            self.items["params"] += [Param(k, v) for k, v in entry["params"].items()]
+        elif "metrics" in entry:
+            ts, step = entry["time"], entry["step"]
+            self.items["metrics"] += [Metric(k, v, ts, step) for k, v in entry["metrics"].items()]
+        elif "tags" in entry:
+            self.items["tags"] += [RunTag(k, v) for k, v in entry["tags"].items()]
+
+    def flush(self) -> None:
+        while any(self.items.values()):
+            chunk = {k: v[: BATCH_LIMITS[k]] for k, v in self.items.items()}
+            self.client.log_batch(self.run_id, **chunk)
+            self.items = {k: v[BATCH_LIMITS[k] :] for k, v in self.items.items()}
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:

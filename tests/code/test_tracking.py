@@ -67,13 +67,13 @@ def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, mo
     with stage_run("sft", {"lr": 0.1, "policy": {"base": "tiny"}}) as run:
         assert run.run_id is None  # nothing made in this process
         log_metrics({"sft/loss": 2.0, "sft/skip": float("nan"), "sft/flag": True}, step=1)
-        replay.tick()  # live: what is written so far is logged while the stage runs
+        replay.poll()  # live: what is written so far is logged while the stage runs
         assert replay.run_id is not None
         assert client.get_run(replay.run_id).info.status == "RUNNING"
         log_metrics({"sft/loss": 1.5}, step=2)
         run.set_tag("upbeat.validation", "passed")
         run.log_artifact(report)
-    replay.close()
+    assert replay.close() is None
 
     logged = client.get_run(replay.run_id)
     assert logged.info.status == "FINISHED"
@@ -109,3 +109,33 @@ def test_a_stage_that_died_mid_run_is_ended_by_the_flow(tmp_path, monkeypatch):
     killed = RecordReplay(client, exp, parent, record)
     killed.close("KILLED")
     assert client.get_run(killed.run_id).info.status == "KILLED"
+
+
+def test_the_replay_logs_while_the_stage_runs_and_keeps_what_mlflow_refused(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from waiting import wait_until
+
+    from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
+
+    client = MlflowClient()
+    exp = client.create_experiment("upbeat")
+    parent = client.create_run(exp).info.run_id
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv(RECORD_ENV, str(record))
+    many = {f"p{i:03d}": i for i in range(150)}  # over MLflow's 100 params a call
+    replay = RecordReplay(client, exp, parent, record, every=0.05).start()
+    with stage_run("reward", many):
+        wait_until("the stage's run, made while it runs", lambda: replay.run_id, 30)
+    assert replay.close() is None
+    assert len(client.get_run(replay.run_id).data.params) == 150
+
+    class Down:  # the tracking server went away
+        def __getattr__(self, name):
+            raise ConnectionError("connection refused")
+
+    down = RecordReplay(Down(), exp, parent, record, every=0.05).start()
+    with stage_run("reward"):
+        pass
+    why = down.close()
+    assert why is not None and "connection refused" in why and str(record) in why
+    assert record.read_text().count("\n") == 2  # kept: start and end, for a later look
