@@ -19,8 +19,7 @@ Every judge maps texts to [-1, 1]-ish scores, higher = more positive; > 0 counts
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,15 +40,7 @@ class LexiconJudge:
     would call a neutral continuation negative.
     """
 
-    def __init__(
-        self,
-        texts: Sequence[str],
-        targets: Sequence[int],
-        seed: int = 0,
-        cache: Path | None = None,
-    ) -> None:
-        """Fit on `texts`/`targets`; with `cache` (a folder), a fit of the same rows, recipe
-        and scikit-learn version is loaded from it instead (the fit is deterministic)."""
+    def __init__(self, texts: Sequence[str], targets: Sequence[int], seed: int = 0) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -70,58 +61,12 @@ class LexiconJudge:
             raise UpbeatError(
                 "the lexicon judge needs negative (0) and positive (4) training tweets"
             )
-        rows = [t for t, keep in zip(texts, polar, strict=True) if keep]
-        path = cache / f"lexicon-{self._key(rows, y[polar])}.joblib" if cache else None
-        if path is None or (fitted := _load_fit(path)) is None:
-            self.pipeline.fit(rows, y[polar])
-            if path is not None:
-                _save_fit(self.pipeline, path)
-        else:
-            self.pipeline = fitted
+        self.pipeline.fit([t for t, keep in zip(texts, polar, strict=True) if keep], y[polar])
         self._pos = list(self.pipeline.classes_).index(4)
-
-    def _key(self, texts: Sequence[str], targets: np.ndarray) -> str:
-        """What the fit depends on: the rows, the recipe and the library's version."""
-        import hashlib
-
-        import sklearn
-
-        digest = hashlib.sha256(f"{sklearn.__version__}\n{self.pipeline!r}\n".encode())
-        for text, target in zip(texts, targets, strict=True):
-            digest.update(f"{target}\t{text}\n".encode())
-        return digest.hexdigest()[:20]
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         proba = self.pipeline.predict_proba(list(texts))  # (N, 2)
         return 2.0 * proba[:, self._pos] - 1.0
-
-
-def _load_fit(path: Path) -> Any:
-    """A cached fit, or None when absent or unreadable (then it is fitted and written again)."""
-    import joblib
-
-    try:
-        return joblib.load(path)
-    except Exception:  # absent, truncated, or written by an incompatible version
-        return None
-
-
-def _save_fit(pipeline: Any, path: Path) -> None:
-    """Write the fit atomically: a unique temp file renamed over `path` (two processes may
-    fit at once; each rename leaves a whole file)."""
-    import os
-    import tempfile
-
-    import joblib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        joblib.dump(pipeline, tmp)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: the judge still works, fitted each time
-        Path(tmp).unlink(missing_ok=True)
 
 
 def judge_rows() -> pd.DataFrame:
@@ -146,11 +91,8 @@ def load_judge(kind: str, reward: RewardSpec) -> Judge:
             "use `lexicon`, `vader` or `hf:<another model>`"
         )
     if kind == "lexicon":
-        from upbeat.models import cache_root
-
         tweets = judge_rows()
-        texts, targets = tweets["text"].astype(str).tolist(), tweets["target"].tolist()
-        return LexiconJudge(texts, targets, cache=cache_root() / "judge")
+        return LexiconJudge(tweets["text"].astype(str).tolist(), tweets["target"].tolist())
     if kind == "vader":
         return load_scorer(
             RewardSpec(

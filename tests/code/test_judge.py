@@ -101,29 +101,3 @@ def test_judge_and_learned_reward_share_no_rows_and_no_model_family(tmp_path):
     assert type(judge.pipeline.steps[0][1]).__name__ == "TfidfVectorizer"
     assert params.reward.kind == "learned" and params.reward.learned is not None
     assert params.reward.learned.backbone == "packaged:minilm-l6"
-
-
-def test_a_cached_lexicon_fit_is_loaded_not_refitted_and_scores_the_same(tmp_path, monkeypatch):
-    from sklearn.pipeline import Pipeline
-
-    texts = ["good great", "bad awful", "good nice", "bad sad", "great nice", "awful sad"]
-    targets = [4, 0, 4, 0, 4, 0]
-    fitted = LexiconJudge(texts, targets, cache=tmp_path)
-    (cached,) = tmp_path.glob("lexicon-*.joblib")
-
-    def no_fit(*args, **kwargs):
-        raise AssertionError("refitted although the same fit is cached")
-
-    with monkeypatch.context() as m:
-        m.setattr(Pipeline, "fit", no_fit)
-        loaded = LexiconJudge(texts, targets, cache=tmp_path)
-    assert np.array_equal(loaded(POSITIVE + NEGATIVE), fitted(POSITIVE + NEGATIVE))
-
-    other = LexiconJudge([*texts, "nice day"], [*targets, 4], cache=tmp_path)  # other rows
-    assert len(list(tmp_path.glob("lexicon-*.joblib"))) == 2
-    assert other(["nice day"])[0] > 0
-
-    cached.write_bytes(b"half a file")  # a broken cache entry is fitted and written again
-    again = LexiconJudge(texts, targets, cache=tmp_path)
-    assert np.array_equal(again(POSITIVE), fitted(POSITIVE))
-    assert len(cached.read_bytes()) > 100
