@@ -33,7 +33,7 @@ def test_the_next_run_ends_only_this_projects_runs_left_running(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient()  # conftest's throwaway sqlite store
-    exp = client.create_experiment("upbeat")
+    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
     mine = {"upbeat.flow": "retrain", **owner_tags(tmp_path), "upbeat.pid": "999999"}
     dead = client.create_run(exp, tags=mine).info.run_id
     other = {**mine, "upbeat.project": str(tmp_path / "another-checkout")}
@@ -56,7 +56,7 @@ def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, mo
     from upbeat.tracking import RECORD_ENV, RecordReplay, log_metrics, stage_run
 
     client = MlflowClient()  # conftest's throwaway sqlite store
-    exp = client.create_experiment("upbeat")
+    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp).info.run_id
     record = tmp_path / "record.jsonl"
     report = tmp_path / "metrics.json"
@@ -94,7 +94,7 @@ def test_a_stage_that_died_mid_run_is_ended_by_the_flow(tmp_path, monkeypatch):
     from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
 
     client = MlflowClient()
-    exp = client.create_experiment("upbeat")
+    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp).info.run_id
     record = tmp_path / "record.jsonl"
     monkeypatch.setenv(RECORD_ENV, str(record))
@@ -118,7 +118,7 @@ def test_the_replay_logs_while_the_stage_runs_and_keeps_what_mlflow_refused(tmp_
     from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
 
     client = MlflowClient()
-    exp = client.create_experiment("upbeat")
+    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp).info.run_id
     record = tmp_path / "record.jsonl"
     monkeypatch.setenv(RECORD_ENV, str(record))
