@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from waiting import wait_until
 
-from upbeat.tracking import artifact_root, end_orphaned_runs, owner_tags, write_csv
+from upbeat.tracking import (
+    RECORD_ENV,
+    RecordReplay,
+    artifact_root,
+    end_orphaned_runs,
+    log_metrics,
+    owner_tags,
+    stage_run,
+    write_csv,
+)
 
 
 def test_sqlite_artifacts_sit_beside_the_db(tmp_path):
@@ -48,21 +60,37 @@ def test_the_next_run_ends_only_this_projects_runs_left_running(tmp_path):
     assert client.get_run(finished).info.status == "FINISHED"
 
 
-def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, monkeypatch):
-    """The stage side writes lines (no MLflow in its process); the flow's replay logs them under
-    its run, the params, the metrics with their steps, tags and artifacts, and ends the run."""
-    from mlflow import MlflowClient
+@dataclass
+class FlowSide:
+    """What the flow has when a stage starts: its MLflow client, experiment and parent run, and
+    the record file named in the stage's environment."""
 
-    from upbeat.tracking import RECORD_ENV, RecordReplay, log_metrics, stage_run
+    client: Any
+    exp: str
+    parent: str
+    record: Path
+
+    def replay(self, every: float = 2.0) -> RecordReplay:
+        return RecordReplay(self.client, self.exp, self.parent, self.record, every)
+
+
+@pytest.fixture
+def flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FlowSide:
+    from mlflow import MlflowClient
 
     client = MlflowClient()  # conftest's throwaway sqlite store
     exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(exp).info.run_id
     record = tmp_path / "record.jsonl"
-    report = tmp_path / "metrics.json"
-    report.write_text("{}")
     monkeypatch.setenv(RECORD_ENV, str(record))
-    replay = RecordReplay(client, exp, parent, record)
+    return FlowSide(client, exp, client.create_run(exp).info.run_id, record)
+
+
+def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(flow, tmp_path):
+    """The stage side writes lines (no MLflow in its process); the flow's replay logs them under
+    its run, the params, the metrics with their steps, tags and artifacts, and ends the run."""
+    client, report = flow.client, tmp_path / "metrics.json"
+    report.write_text("{}")
+    replay = flow.replay()
 
     with stage_run("sft", {"lr": 0.1, "policy": {"base": "tiny"}}) as run:
         assert run.run_id is None  # nothing made in this process
@@ -77,7 +105,7 @@ def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, mo
 
     logged = client.get_run(replay.run_id)
     assert logged.info.status == "FINISHED"
-    assert logged.data.tags["mlflow.parentRunId"] == parent
+    assert logged.data.tags["mlflow.parentRunId"] == flow.parent
     assert logged.data.tags["upbeat.stage"] == "sft"
     assert logged.data.tags["upbeat.validation"] == "passed"
     assert logged.data.params == {"sft.lr": "0.1", "sft.policy.base": "tiny"}
@@ -85,57 +113,38 @@ def test_a_stage_under_the_flow_records_and_the_flow_logs_it_nested(tmp_path, mo
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
     assert set(logged.data.metrics) == {"sft/loss"}  # no NaN, no bool
     assert [a.path for a in client.list_artifacts(replay.run_id)] == ["metrics.json"]
-    assert not record.exists()
+    assert not flow.record.exists()
 
 
-def test_a_stage_that_died_mid_run_is_ended_by_the_flow(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
-
-    client = MlflowClient()
-    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(exp).info.run_id
-    record = tmp_path / "record.jsonl"
-    monkeypatch.setenv(RECORD_ENV, str(record))
+def test_a_stage_that_died_mid_run_is_ended_by_the_flow(flow):
     with pytest.raises(ValueError), stage_run("ppo"):  # the stage's own error: it ends FAILED
         raise ValueError("diverged")
-    failed = RecordReplay(client, exp, parent, record)
+    failed = flow.replay()
     failed.close("KILLED")
-    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert flow.client.get_run(failed.run_id).info.status == "FAILED"
 
     # a SIGKILLed stage: its start line, no end line, and half a line
-    record.write_text('{"start": "ppo", "time": 1}\n{"metrics": {"ppo/kl"')
-    killed = RecordReplay(client, exp, parent, record)
+    flow.record.write_text('{"start": "ppo", "time": 1}\n{"metrics": {"ppo/kl"')
+    killed = flow.replay()
     killed.close("KILLED")
-    assert client.get_run(killed.run_id).info.status == "KILLED"
+    assert flow.client.get_run(killed.run_id).info.status == "KILLED"
 
 
-def test_the_replay_logs_while_the_stage_runs_and_keeps_what_mlflow_refused(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-    from waiting import wait_until
-
-    from upbeat.tracking import RECORD_ENV, RecordReplay, stage_run
-
-    client = MlflowClient()
-    exp = client.create_experiment("upbeat", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(exp).info.run_id
-    record = tmp_path / "record.jsonl"
-    monkeypatch.setenv(RECORD_ENV, str(record))
+def test_the_replay_logs_while_the_stage_runs_and_keeps_what_mlflow_refused(flow):
     many = {f"p{i:03d}": i for i in range(150)}  # over MLflow's 100 params a call
-    replay = RecordReplay(client, exp, parent, record, every=0.05).start()
+    replay = flow.replay(every=0.05).start()
     with stage_run("reward", many):
         wait_until("the stage's run, made while it runs", lambda: replay.run_id, 30)
     assert replay.close() is None
-    assert len(client.get_run(replay.run_id).data.params) == 150
+    assert len(flow.client.get_run(replay.run_id).data.params) == 150
 
     class Down:  # the tracking server went away
         def __getattr__(self, name):
             raise ConnectionError("connection refused")
 
-    down = RecordReplay(Down(), exp, parent, record, every=0.05).start()
+    down = RecordReplay(Down(), flow.exp, flow.parent, flow.record, every=0.05).start()
     with stage_run("reward"):
         pass
     why = down.close()
-    assert why is not None and "connection refused" in why and str(record) in why
-    assert record.read_text().count("\n") == 2  # kept: start and end, for a later look
+    assert why is not None and "connection refused" in why and str(flow.record) in why
+    assert flow.record.read_text().count("\n") == 2  # kept: start and end, for a later look
