@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,8 +170,8 @@ class StageRun:
     """What one stage logs to MLflow: params, metrics, tags and artifacts.
 
     Under the flow (`RECORD_ENV` names a file) each call appends a JSON line to that file and the
-    flow logs it under its own run (`replay_records`), so a stage process never imports MLflow
-    or opens its store (about 3 s of every stage on a 2-core CPU, benchmarks/README.md). Run by
+    flow logs it under its own run (`RecordReplay`), so a stage process never imports MLflow or
+    opens its store (most of a small stage's time: benchmarks/README.md, "the flow"). Run by
     plain `dvc repro`, or by a stage that needs MLflow anyway (the registry's), it logs itself:
     `run_id` is its MLflow run then, None under the flow.
     """
@@ -180,8 +183,8 @@ class StageRun:
 
     def _write(self, entry: dict[str, Any]) -> None:
         assert self.record is not None
-        with self.record.open("a", encoding="utf-8") as f:  # a whole line per call: the flow
-            f.write(json.dumps({**entry, "time": _now_ms()}, default=str) + "\n")  # tails it
+        with self.record.open("a", encoding="utf-8") as f:  # a whole line a call: the flow tails it
+            f.write(json.dumps({**entry, "time": int(time.time() * 1000)}, default=str) + "\n")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: str(v)[:500] for k, v in flatten(params, f"{self.stage}.").items()}
@@ -194,8 +197,6 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Finite numeric metrics only (keys kept as `group/name`)."""
-        import math
-
         clean = {
             k: float(v)
             for k, v in metrics.items()
@@ -230,12 +231,6 @@ class StageRun:
 
 
 _current: list[StageRun] = []  # the stage run `log_metrics` logs to
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 @contextmanager
@@ -291,8 +286,6 @@ class RecordReplay:
     def __init__(
         self, client: Any, experiment_id: str, parent_run_id: str, record: Path, every: float = 2.0
     ) -> None:
-        import threading
-
         self.client, self.experiment_id, self.parent = client, experiment_id, parent_run_id
         self.record, self.every = record, every
         self.done = 0  # lines logged
