@@ -182,18 +182,21 @@ class StageRun:
         self.run_id: str | None = None
 
     def _write(self, entry: dict[str, Any]) -> None:
-        assert self.record is not None
-        with self.record.open("a", encoding="utf-8") as f:  # a whole line a call: the flow tails it
-            f.write(json.dumps({**entry, "time": int(time.time() * 1000)}, default=str) + "\n")
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = {k: str(v)[:500] for k, v in flatten(params, f"{self.stage}.").items()}
-        if self.record is not None:
-            self._write({"params": flat})
-        else:
+        """One entry: a line of the record under the flow, else straight to MLflow's active run
+        (`log_entry`, what the flow's replay calls too)."""
+        entry = {**entry, "time": int(time.time() * 1000)}
+        if self.record is None:
             import mlflow
 
-            mlflow.log_params(flat)
+            log_entry(mlflow.MlflowClient(), mlflow.active_run().info.run_id, entry)
+            return
+        with self.record.open("a", encoding="utf-8") as f:  # a whole line a call: the flow tails it
+            f.write(json.dumps(entry, default=str) + "\n")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._write(
+            {"params": {k: str(v)[:500] for k, v in flatten(params, f"{self.stage}.").items()}}
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Finite numeric metrics only (keys kept as `group/name`)."""
@@ -202,32 +205,16 @@ class StageRun:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         }
-        if not clean:
-            return
-        if self.record is not None:
+        if clean:
             self._write({"metrics": clean, "step": step or 0})
-        else:
-            import mlflow
-
-            mlflow.log_metrics(clean, step=step)
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.record is not None:
-            self._write({"tags": {key: value}})
-        else:
-            import mlflow
-
-            mlflow.set_tag(key, value)
+        self._write({"tags": {key: value}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file; under the flow it is read when the flow logs the line, so log a file the
         stage keeps (its outputs and reports), never a temporary one."""
-        if self.record is not None:
-            self._write({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
-        else:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._write({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
 
 
 _current: list[StageRun] = []  # the stage run `log_metrics` logs to
@@ -315,27 +302,22 @@ class RecordReplay:
         batch = _Batch(self.client)
         for i, line in enumerate(lines[self.done :], start=self.done):
             entry = json.loads(line)
-            if "start" in entry or "artifact" in entry or "end" in entry:
-                batch.flush()  # what came before, first
-                self.done = i
+            if not {"start", "artifact", "end"} & entry.keys():
+                if self.run_id is not None:
+                    batch.add(self.run_id, entry)
+                continue
+            batch.flush()  # what came before, first
+            self.done = i
             if "start" in entry:  # a run of its own for each attempt
                 tags = {"upbeat.stage": entry["start"], "mlflow.parentRunId": self.parent}
                 run = self.client.create_run(
                     self.experiment_id, start_time=entry["time"], tags=tags, run_name=entry["start"]
                 )
                 self.run_id, self.ended = run.info.run_id, False
-            elif self.run_id is None:
-                pass
-            elif "artifact" in entry:
-                if Path(entry["artifact"]).exists():  # a failed stage's DVC may have removed it
-                    self.client.log_artifact(self.run_id, entry["artifact"], entry["artifact_path"])
-            elif "end" in entry:
-                self.client.set_terminated(self.run_id, entry["end"], end_time=entry["time"])
-                self.ended = True
-            else:
-                batch.add(self.run_id, entry)
-            if "start" in entry or "artifact" in entry or "end" in entry:
-                self.done = i + 1
+            elif self.run_id is not None:
+                log_entry(self.client, self.run_id, entry)
+                self.ended = self.ended or "end" in entry
+            self.done = i + 1
         batch.flush()
         self.done = len(lines)
 
@@ -358,6 +340,19 @@ class RecordReplay:
 
 
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's, per log_batch call
+
+
+def log_entry(client: Any, run_id: str, entry: dict[str, Any]) -> None:
+    """One `StageRun` entry (params, metrics, tags, an artifact or the end) into MLflow's run."""
+    if "artifact" in entry:
+        if Path(entry["artifact"]).exists():  # a failed stage's DVC may have removed it
+            client.log_artifact(run_id, entry["artifact"], entry["artifact_path"])
+    elif "end" in entry:
+        client.set_terminated(run_id, entry["end"], end_time=entry["time"])
+    else:
+        batch = _Batch(client)
+        batch.add(run_id, entry)
+        batch.flush()
 
 
 class _Batch:
