@@ -157,10 +157,10 @@ def run_stoppable(fn: Callable[[], Any]) -> Any:
     return outcome.get("value")
 
 
-def run_until_stopped(cmd: list[str], cwd: Path) -> int:
+def run_until_stopped(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
     """Run a long-lived child (a server) in a process group of its own until it exits or this
     process gets SIGTERM/SIGINT; then stop its whole group. Returns the exit code to use."""
-    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True)
     received: list[int] = []
     previous = {
         s: signal.signal(s, lambda signum, _frame: received.append(signum))

@@ -560,7 +560,10 @@ def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the project's store (127.0.0.1 only)."""
+    import os
+
     from flows.processes import run_until_stopped
+    from upbeat.stack.config import MLFLOW_SERVER_ENV
     from upbeat.tracking import artifact_root, tracking_uri
 
     root = project()
@@ -582,7 +585,8 @@ def ui(
     if artifacts := artifact_root(uri):
         cmd += ["--default-artifact-root", artifacts]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops)")
-    code = run_until_stopped(cmd, cwd=root)  # SIGTERM/SIGINT stop the server and its workers
+    env = {**os.environ, **MLFLOW_SERVER_ENV}
+    code = run_until_stopped(cmd, cwd=root, env=env)  # SIGTERM/SIGINT stop it and its workers
     raise typer.Exit(0 if code == 128 + signal.SIGINT else code)
 
 

@@ -245,6 +245,8 @@ def test_sigterm_to_upbeat_ui_leaves_no_server(project, env):
 
     wait_until("MLflow UI", listening, 120, alive=ui)
     servers = psutil.Process(ui.pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in servers]
+    assert not [c for c in commands if "huey" in c], commands  # no MLflow job runner: no jobs
     ui.send_signal(signal.SIGTERM)  # the command alone, not its group: its children are its job
     assert ui.wait(STOP_BOUND) != 0
     _, alive = psutil.wait_procs(servers, timeout=5)

@@ -25,6 +25,9 @@ WORK_POOL = "upbeat"
 MLFLOW_BUCKET = "upbeat-mlflow"
 DVC_BUCKET = "upbeat-dvc"
 REGION = "us-east-1"
+# upbeat's MLflow servers (the stack's, `upbeat ui`) run no server-side jobs (GenAI evaluation,
+# trace rollups): without them MLflow starts no job-runner process and answers sooner.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 class StackError(UpbeatError):

@@ -20,6 +20,7 @@ from upbeat.stack.clients import client_env
 from upbeat.stack.config import (
     HOST,
     MLFLOW_BUCKET,
+    MLFLOW_SERVER_ENV,
     REGION,
     WORK_POOL,
     Secrets,
@@ -91,8 +92,7 @@ def mlflow_env(cfg: StackConfig, sec: Secrets) -> dict[str, str]:
         "MLFLOW_AUTH_CONFIG_PATH": str(cfg.root / "mlflow-auth.ini"),
         "MLFLOW_AUTH_ADMIN_PASSWORD": sec.mlflow_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": sec.flask_secret_key,
-        # upbeat runs no server-side jobs (GenAI evaluation, trace rollups): skip their processes
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **MLFLOW_SERVER_ENV,
         "MLFLOW_S3_ENDPOINT_URL": cfg.s3_url,
         "AWS_ACCESS_KEY_ID": sec.aws_access_key_id,
         "AWS_SECRET_ACCESS_KEY": sec.aws_secret_access_key,
