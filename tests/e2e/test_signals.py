@@ -243,13 +243,23 @@ def test_sigterm_to_upbeat_ui_leaves_no_server(project, env):
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_until("MLflow UI", listening, 120, alive=ui)
-    servers = psutil.Process(ui.pid).children(recursive=True)
-    commands = [" ".join(p.cmdline()) for p in servers]
+    servers: list[psutil.Process] = []
+    try:
+        wait_until("MLflow UI", listening, 120, alive=ui)
+        servers = psutil.Process(ui.pid).children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in servers]
+        ui.send_signal(signal.SIGTERM)  # the command alone, not its group: its children are its job
+        assert ui.wait(STOP_BOUND) != 0
+        _, alive = psutil.wait_procs(servers, timeout=5)
+    finally:  # whatever failed above, no server outlives the test
+        leftover = list(servers)
+        if ui.poll() is None:
+            leftover += [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
+        for proc in leftover:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        ui.wait()
+    assert not alive, [p.pid for p in alive]
     assert not [c for c in commands if "huey" in c], commands  # no MLflow job runner: no jobs
-    ui.send_signal(signal.SIGTERM)  # the command alone, not its group: its children are its job
-    assert ui.wait(STOP_BOUND) != 0
-    _, alive = psutil.wait_procs(servers, timeout=5)
-    assert not alive, [p.cmdline() for p in alive]
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the port is free again
